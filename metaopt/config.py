@@ -1,0 +1,246 @@
+"""Typed, validated experiment configs loaded from YAML.
+
+Every error names the field (``evaluate.optimizers[1].lr``), what was wrong and what is allowed,
+and is raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metaopt.optimizers import OPTIMIZERS, optimizer_options
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which field and what is allowed."""
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuadraticTaskConfig(StrictModel):
+    """f(θ) = ‖Wθ − y‖², W and y standard normal, redrawn for every optimizee."""
+
+    kind: Literal["quadratic"] = "quadratic"
+    dim: int = Field(10, ge=1, le=100_000)
+
+
+class DataConfig(StrictModel):
+    """Where MNIST lives and which of its splits to use."""
+
+    root: str = "data"
+    split: Literal["train", "test"] = "train"
+    download: bool = True
+
+
+class MnistMLPTaskConfig(StrictModel):
+    """An MLP 784 → hidden_sizes… → 10 on MNIST, cross-entropy, a new minibatch every step."""
+
+    kind: Literal["mnist_mlp"] = "mnist_mlp"
+    activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [20], min_length=1)
+    batch_size: int = Field(128, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+TaskConfig = Annotated[Union[QuadraticTaskConfig, MnistMLPTaskConfig], Field(discriminator="kind")]
+
+
+class OptimizerConfig(StrictModel):
+    """One optimizer to evaluate: a kind, its learning rate (or a sweep of them) and options."""
+
+    kind: str
+    name: str | None = None
+    lr: float | None = Field(None, gt=0)
+    lr_sweep: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {kind!r}; allowed: {', '.join(sorted(OPTIMIZERS))}")
+        return kind
+
+    @model_validator(mode="after")
+    def _known_options(self) -> OptimizerConfig:
+        allowed = optimizer_options(self.kind)
+        unknown = sorted(set(self.options) - set(allowed) | ({"lr"} & set(self.options)))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for optimizer {self.kind!r}; allowed options: "
+                f"{', '.join(k for k in allowed if k != 'lr') or 'none'} (set lr with the 'lr' field)"
+            )
+        if self.lr is not None and self.lr_sweep is not None:
+            raise ValueError("set either lr or lr_sweep, not both")
+        if self.name is None:
+            self.name = self.kind
+        return self
+
+    def build(self, lr: float | None = None):
+        """The optimizer with ``lr`` (default: the configured one)."""
+        from metaopt.optimizers import make_optimizer
+
+        lr = lr if lr is not None else self.lr
+        return make_optimizer(self.kind, **({"lr": lr} if lr is not None else {}), **self.options)
+
+
+class EvaluateConfig(StrictModel):
+    """Optimizers run side by side on held-out optimizees."""
+
+    steps: int = Field(100, ge=1)
+    runs: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0)
+    sweep_runs: int = Field(20, ge=1, description="meta-train optimizees each swept learning rate is scored on")
+    optimizers: list[OptimizerConfig] = Field(min_length=1)
+    output_dir: str = "runs/evaluate"
+
+    @field_validator("optimizers")
+    @classmethod
+    def _unique_names(cls, optimizers: list[OptimizerConfig]) -> list[OptimizerConfig]:
+        names = [o.name for o in optimizers]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"optimizer names must be unique; give each a distinct 'name' ({', '.join(duplicated)})")
+        return optimizers
+
+
+class Config(StrictModel):
+    """A whole experiment."""
+
+    task: TaskConfig
+    evaluate: EvaluateConfig
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()):
+            return device
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML; list items by index) to ``data``."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE such as evaluate.runs=10; got {override!r}")
+        *parents, leaf = key.split(".")
+        node: Any = data
+        for part in parents:
+            node = _child(node, part, key, create=True)
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[_index(node, leaf, key)] = value
+        else:
+            node[leaf] = value
+    return data
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _child(node: Any, part: str, key: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a section")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config; any problem raises ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; configs ship in jobs/configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (task, evaluate, ...), not {type(data).__name__}")
+    return validate_config(apply_overrides(data, overrides or []), source=str(path))
+
+
+def validate_config(data: dict, source: str = "config") -> Config:
+    """Validate a config mapping, turning pydantic's errors into one readable ``ConfigError``."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        lines = [_describe(err) for err in error.errors()]
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(err: dict) -> str:
+    path, model = _field_path(err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(model.model_fields) if model else "see the docs"
+        return f"{path}: unknown field; allowed fields here: {allowed}"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    got = "" if isinstance(err["input"], dict) else f" (got {err['input']!r})"
+    return f"{path}: {message}{got}"
+
+
+def _field_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """A dotted path for pydantic's ``loc`` (union tags dropped) and the model that owns its end."""
+    path, annotation, owner = "", Config, None
+    for part in loc:
+        annotation = _strip_annotated(annotation)
+        if typing.get_origin(annotation) in (Union, types.UnionType):
+            members = [m for m in typing.get_args(annotation) if m is not type(None)]
+            tagged = [m for m in members if _is_model(m) and _tag(m) == part]
+            if tagged:  # a discriminated union's tag: choose that member, add nothing to the path
+                annotation = tagged[0]
+                continue
+            annotation = _strip_annotated(members[0])
+        if isinstance(part, int):
+            path += f"[{part}]"
+            args = typing.get_args(annotation)
+            annotation = args[0] if args else Any
+            continue
+        path += f".{part}" if path else str(part)
+        if _is_model(annotation):
+            owner = annotation
+            field = annotation.model_fields.get(part)
+            annotation = field.annotation if field else Any
+    return path or "config", owner
+
+
+def _strip_annotated(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _tag(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("kind")
+    return field.default if field else None

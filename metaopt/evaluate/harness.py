@@ -1,0 +1,113 @@
+"""Run optimizers side by side on the same held-out optimizees, with optional learning-rate sweeps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from metaopt.optimizers import MetaParams, Optimizer
+from metaopt.tasks import Optimizees, TaskFamily, optimizee_seeds
+
+
+@dataclass
+class Candidate:
+    """An optimizer to compare: ``build(lr)`` makes it; ``lr_sweep`` picks the best lr first."""
+
+    name: str
+    build: Callable[[float | None], Optimizer]
+    lr: float | None = None
+    lr_sweep: Sequence[float] | None = None
+    meta_params: MetaParams = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """One candidate's losses ``[runs, steps + 1]`` on the held-out optimizees (step 0 = initial)."""
+
+    name: str
+    optimizer: Optimizer
+    losses: Tensor
+    sweep_scores: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def final_losses(self) -> Tensor:
+        return self.losses[:, -1]
+
+
+def rollout_losses(
+    family: TaskFamily,
+    optimizer: Optimizer,
+    meta_params: MetaParams,
+    optimizees: Optimizees,
+    steps: int,
+    progress: tqdm | None = None,
+) -> Tensor:
+    """Optimize every optimizee for ``steps`` steps as one batch; losses ``[B, steps + 1]``."""
+    params = optimizees.params.detach().clone()
+    state = optimizer.init_state(params)
+    losses = []
+    for step in range(steps + 1):
+        params.requires_grad_(True)
+        loss = family.batched_loss(params, optimizees, step)
+        losses.append(loss.detach())
+        if step == steps:
+            break
+        (grads,) = torch.autograd.grad(loss.sum(), params)
+        with torch.no_grad():
+            updates, state = optimizer.update(meta_params, grads, state, step)
+            params = params.detach() + updates
+        if progress is not None:
+            progress.update(1)
+    return torch.stack(losses, dim=1).cpu()
+
+
+def mean_final_loss(losses: Tensor) -> float:
+    """Mean loss at the last step; a run that diverged (non-finite) makes it infinite."""
+    final = losses[:, -1]
+    return float(final.mean()) if torch.isfinite(final).all() else math.inf
+
+
+def compare(
+    candidates: Sequence[Candidate],
+    heldout_family: TaskFamily,
+    steps: int,
+    runs: int,
+    seed: int,
+    tuning_family: TaskFamily | None = None,
+    sweep_runs: int = 20,
+    show_progress: bool = True,
+) -> list[Result]:
+    """Run every candidate on the same ``runs`` held-out optimizees for ``steps`` steps.
+
+    Candidates with an ``lr_sweep`` first try each rate on ``sweep_runs`` meta-train optimizees
+    of ``tuning_family`` and keep the one with the lowest mean final loss.
+    """
+    heldout = heldout_family.sample(optimizee_seeds(seed, runs, "meta_test"))
+    tuning = None
+    total = sum(steps * (1 + len(c.lr_sweep or ())) for c in candidates)
+    results = []
+    with tqdm(total=total, desc="evaluate", unit="step", disable=not show_progress) as progress:
+        for candidate in candidates:
+            lr, scores = candidate.lr, {}
+            if candidate.lr_sweep:
+                if tuning_family is None:
+                    raise ValueError(f"{candidate.name}: an lr_sweep needs a tuning_family to score rates on")
+                if tuning is None:
+                    tuning = tuning_family.sample(optimizee_seeds(seed, sweep_runs, "meta_train"))
+                for rate in candidate.lr_sweep:
+                    progress.set_postfix_str(f"{candidate.name} lr={rate:g}")
+                    losses = rollout_losses(
+                        tuning_family, candidate.build(rate), candidate.meta_params, tuning, steps, progress
+                    )
+                    scores[rate] = mean_final_loss(losses)
+                lr = min(scores, key=scores.get)
+            progress.set_postfix_str(candidate.name)
+            optimizer = candidate.build(lr)
+            losses = rollout_losses(heldout_family, optimizer, candidate.meta_params, heldout, steps, progress)
+            results.append(Result(candidate.name, optimizer, losses, scores))
+    return results

@@ -1,0 +1,75 @@
+"""The Hamiltonian-neural-network optimizer of "Can we learn gradients by Hamiltonian Neural
+Networks?" (OPT-ML 2020), rebuilt coordinatewise and without the original's detach and
+cross-coordinate normalisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
+from metaopt.optimizers.features import log_sign_preprocess
+
+
+def _potential(d: int) -> nn.Sequential:
+    """Linear(d, d)–ReLU–Linear(d, d), the shape of both G and V."""
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+
+class _HNNSeedNetwork(nn.Module):
+    """One HNN step for rows of coordinates: (q [rows, d], p [rows, d]) -> (raw update [rows], next p)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.G = _potential(d)
+        self.V = _potential(d)
+        self.D = nn.Linear(2 * d, 2 * d, bias=False)
+        self.L = nn.Parameter(torch.eye(d) + 0.01 * torch.randn(d, d))
+        self.W_out = nn.Linear(2 * d, 1)
+        self.W1 = nn.Linear(2 * d, d)
+
+    def forward(self, q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.V(q)
+        d_q, d_p = self.D(torch.cat([v, p], dim=-1)).chunk(2, dim=-1)
+        mass = self.L @ self.L.T
+        q_dot = p - d_q
+        p_dot = (-v - d_p + self.G(q)) @ mass
+        update = self.W_out(torch.cat([q_dot, q], dim=-1)).squeeze(-1)
+        return update, self.W1(torch.cat([q_dot, p_dot], dim=-1))
+
+
+class HNNSeed(NetworkOptimizer):
+    """The OPT-ML 2020 HNN optimizer: per coordinate, q = the (preprocessed) gradient, p = a state.
+
+    With d = 2 if ``preprocess`` else 1: q̇ = p − D_q, ṗ = (−V(q) − D_p + G(q))·M with
+    [D_q, D_p] = D·[V(q), p] and M = L·Lᵀ; the update is ``out_mul`` · W_out·[q̇, q] and the next
+    state W₁·[q̇, ṗ] + b₁. Meta-parameters: 11d² + 7d + 1, i.e. 59 at the defaults (d = 2), 19
+    without preprocessing (d = 1).
+    """
+
+    kind = "hnn_seed"
+
+    def __init__(self, preprocess: bool = True, preprocess_p: float = 10.0, out_mul: float = 0.1):
+        self.preprocess = preprocess
+        self.preprocess_p = preprocess_p
+        self.out_mul = out_mul
+        super().__init__()
+
+    @property
+    def dim(self) -> int:
+        """Per-coordinate size d of q and p."""
+        return 2 if self.preprocess else 1
+
+    def build_network(self) -> nn.Module:
+        return _HNNSeedNetwork(self.dim)
+
+    def init_state(self, params: Tensor) -> OptState:
+        return {"p": params.new_zeros(params.shape + (self.dim,))}
+
+    def update(
+        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
+    ) -> tuple[Tensor, OptState]:
+        rows = grads.reshape(-1)
+        q = log_sign_preprocess(rows, self.preprocess_p) if self.preprocess else rows[:, None]
+        raw, p = self.apply(meta_params, q, state["p"].reshape(-1, self.dim))
+        return self.out_mul * raw.reshape(grads.shape), {"p": p.reshape(grads.shape + (self.dim,))}

@@ -1,0 +1,192 @@
+"""A port-Hamiltonian learned optimizer: a learned energy, a learned positive semi-definite
+dissipation and a learned input port, integrated by a symplectic step with a learned step size.
+
+It starts as heavy-ball momentum and meta-training departs from there."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
+from metaopt.optimizers.features import log_sign_preprocess
+
+HamiltonianChoice = Literal["learned", "quadratic"]
+DissipationChoice = Literal["learned", "constant"]
+PortChoice = Literal["learned", "identity"]
+Integrator = Literal["semi_implicit_euler", "leapfrog"]
+
+NUM_FEATURES = 2  # log_sign_preprocess(g)
+
+
+def _mlp(inputs: int, hidden: int, outputs: int, bias: bool = True) -> nn.Sequential:
+    """Linear–Tanh–Linear with a zero-initialised last layer, so it starts as the zero function."""
+    last = nn.Linear(hidden, outputs, bias=bias)
+    nn.init.zeros_(last.weight)
+    if bias:
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), last)
+
+
+class _PHNNNetwork(nn.Module):
+    """One port-Hamiltonian step for rows of coordinates: (g [rows], p [rows, k]) -> (Δθ [rows], p')."""
+
+    def __init__(
+        self,
+        state_dim: int,
+        hidden: int,
+        init_lr: float,
+        init_momentum: float,
+        learned_hamiltonian: bool,
+        learned_dissipation: bool,
+        learned_port: bool,
+        state_features: bool,
+        leapfrog: bool,
+    ):
+        super().__init__()
+        k = state_dim
+        inputs = NUM_FEATURES + (k if state_features else 0)
+        h0 = math.sqrt(init_lr)
+        r0 = (1.0 - init_momentum) / h0
+        self.state_dim = k
+        self.state_features = state_features
+        self.leapfrog = leapfrog
+        self.log_h = nn.Parameter(torch.tensor(math.log(h0)))
+        self.A0 = nn.Parameter(math.sqrt(r0) * torch.eye(k))
+        # An additive constant in H never moves p, so the energy MLP has no output bias.
+        self.hamiltonian = _mlp(k + NUM_FEATURES, hidden, 1, bias=False) if learned_hamiltonian else None
+        self.dissipation = _mlp(inputs, hidden, k * k) if learned_dissipation else None
+        self.port = _mlp(inputs, hidden, 2 * k) if learned_port else None
+        self.readout = None
+        if k > 1:
+            self.readout = nn.Linear(k, 1, bias=False)
+            with torch.no_grad():
+                self.readout.weight.zero_()
+                self.readout.weight[0, 0] = 1.0
+
+    def energy(self, p: Tensor, f: Tensor) -> Tensor:
+        """H(p, f) per row: ½‖p‖² plus the learned correction."""
+        kinetic = 0.5 * (p * p).sum(-1)
+        if self.hamiltonian is None:
+            return kinetic
+        return kinetic + self.hamiltonian(torch.cat([p, f], dim=-1)).squeeze(-1)
+
+    def energy_grad(self, p: Tensor, f: Tensor) -> Tensor:
+        """∂H/∂p per row (rows are independent, so the gradient of the summed energy is per row)."""
+        return torch.func.grad(lambda p_: self.energy(p_, f).sum())(p)
+
+    def rate(self, g: Tensor, f: Tensor, p: Tensor, dh_dp: Tensor) -> Tensor:
+        """ṗ = −R·∂H/∂p + u with R = A·Aᵀ and the port force u."""
+        inputs = torch.cat([f, p], dim=-1) if self.state_features else f
+        a = self.A0
+        if self.dissipation is not None:
+            a = a + self.dissipation(inputs).reshape(-1, self.state_dim, self.state_dim)
+        r = a @ a.transpose(-1, -2)
+        damping = (r @ dh_dp.unsqueeze(-1)).squeeze(-1)
+        if self.port is None:
+            force = -g[:, None]
+        else:
+            gain, offset = self.port(inputs).chunk(2, dim=-1)
+            force = -(g[:, None] * (1 + gain) + offset)
+        return force - damping
+
+    def read(self, dh_dp: Tensor) -> Tensor:
+        """The scalar velocity per row: ∂H/∂p itself for k = 1, else a learned projection."""
+        if self.readout is None:
+            return dh_dp[:, 0]
+        return self.readout(dh_dp).squeeze(-1)
+
+    def forward(self, g: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        f = log_sign_preprocess(g)
+        h = self.log_h.exp()
+        if not self.leapfrog:
+            p_next = p + h * self.rate(g, f, p, self.energy_grad(p, f))
+            return h * self.read(self.energy_grad(p_next, f)), p_next
+        p_half = p + 0.5 * h * self.rate(g, f, p, self.energy_grad(p, f))
+        dh_dp_half = self.energy_grad(p_half, f)
+        p_next = p_half + 0.5 * h * self.rate(g, f, p_half, dh_dp_half)
+        return h * self.read(dh_dp_half), p_next
+
+
+class PHNN(NetworkOptimizer):
+    """Port-Hamiltonian optimizer: per coordinate a momentum-like state p ∈ R^k (k = ``state_dim``).
+
+    Energy H(p, f) = ½‖p‖² + MLP_H([p, f]) with f = log_sign_preprocess(g); dissipation
+    R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
+    ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
+
+    ``semi_implicit_euler``: p' = p + h·(−R·∂H/∂p(p) + u), Δθ = h·read(∂H/∂p(p')).
+    ``leapfrog``: p½ = p + h/2·(−R·∂H/∂p(p) + u), Δθ = h·read(∂H/∂p(p½)),
+    p' = p½ + h/2·(−R·∂H/∂p(p½) + u(p½)). Approximation: the second half-kick reuses this step's
+    gradient g (the one at the new θ is not available yet) and evaluates the dissipation
+    explicitly at p½ instead of implicitly at p'.
+
+    All last layers start at zero, h₀ = √init_lr and A₀ = √((1 − init_momentum)/h₀)·I, so at
+    initialisation it is exactly heavy ball: lr = h², momentum = 1 − h·R, p = −h·buf.
+
+    Meta-parameters, with m = ``hidden`` and i = 2 (+ k with ``state_features``):
+    1 (log_h) + k² (A₀) + (k + 4)·m (learned H, no output bias) + (i + 1)·m + m·k² + k² (learned R)
+    + (i + 1)·m + 2k·m + 2k (learned port) + k (read-out, only for k > 1);
+    229 at the defaults (k = 1, m = 16, all learned), 2 with everything fixed.
+    """
+
+    kind = "phnn"
+
+    def __init__(
+        self,
+        state_dim: int = 1,
+        hidden: int = 16,
+        init_lr: float = 0.01,
+        init_momentum: float = 0.9,
+        hamiltonian: HamiltonianChoice = "learned",
+        dissipation: DissipationChoice = "learned",
+        port: PortChoice = "learned",
+        integrator: Integrator = "semi_implicit_euler",
+        state_features: bool = False,
+    ):
+        for name, value, allowed in (
+            ("hamiltonian", hamiltonian, ("learned", "quadratic")),
+            ("dissipation", dissipation, ("learned", "constant")),
+            ("port", port, ("learned", "identity")),
+            ("integrator", integrator, ("semi_implicit_euler", "leapfrog")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if init_lr <= 0 or not 0 <= init_momentum <= 1:
+            raise ValueError("need init_lr > 0 and 0 <= init_momentum <= 1")
+        self.state_dim = state_dim
+        self.hidden = hidden
+        self.init_lr = init_lr
+        self.init_momentum = init_momentum
+        self.hamiltonian = hamiltonian
+        self.dissipation = dissipation
+        self.port = port
+        self.integrator = integrator
+        self.state_features = state_features
+        super().__init__()
+
+    def build_network(self) -> nn.Module:
+        return _PHNNNetwork(
+            state_dim=self.state_dim,
+            hidden=self.hidden,
+            init_lr=self.init_lr,
+            init_momentum=self.init_momentum,
+            learned_hamiltonian=self.hamiltonian == "learned",
+            learned_dissipation=self.dissipation == "learned",
+            learned_port=self.port == "learned",
+            state_features=self.state_features,
+            leapfrog=self.integrator == "leapfrog",
+        )
+
+    def init_state(self, params: Tensor) -> OptState:
+        return {"p": params.new_zeros(params.shape + (self.state_dim,))}
+
+    def update(
+        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
+    ) -> tuple[Tensor, OptState]:
+        k = self.state_dim
+        updates, p = self.apply(meta_params, grads.reshape(-1), state["p"].reshape(-1, k))
+        return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,))}

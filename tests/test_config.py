@@ -1,0 +1,89 @@
+"""Every kind of bad config value fails before work starts, naming the field and what is allowed."""
+
+import copy
+
+import pytest
+import yaml
+
+from metaopt.config import ConfigError, apply_overrides, load_config, validate_config
+
+VALID = {
+    "task": {"kind": "mnist_mlp", "activation": "sigmoid"},
+    "evaluate": {"steps": 10, "runs": 4, "optimizers": [{"kind": "adam", "lr": 0.1}, {"kind": "sgd", "lr": 0.1}]},
+}
+
+
+def config_with(change):
+    data = copy.deepcopy(VALID)
+    change(data)
+    return data
+
+
+BAD = [
+    ("unknown key", lambda d: d["evaluate"].update(stpes=3),
+     r"evaluate\.stpes: unknown field; allowed fields here: steps, runs, seed"),
+    ("unknown nested key", lambda d: d["task"].update(hidden=3),
+     r"task\.hidden: unknown field; allowed fields here: kind, activation, hidden_sizes"),
+    ("wrong type", lambda d: d["evaluate"].update(steps="many"), r"evaluate\.steps: Input should be a valid integer"),
+    ("out of range", lambda d: d["evaluate"].update(runs=0), r"evaluate\.runs: Input should be greater than or equal to 1"),
+    ("bad choice", lambda d: d["task"].update(activation="softmax"),
+     r"task\.activation: Input should be 'sigmoid', 'relu' or 'tanh' \(got 'softmax'\)"),
+    ("bad task kind", lambda d: d["task"].update(kind="cubic"), r"task: .*'cubic'.*'quadratic', 'mnist_mlp'"),
+    ("bad optimizer", lambda d: d["evaluate"]["optimizers"][1].update(kind="adamw"),
+     r"evaluate\.optimizers\[1\]\.kind: unknown optimizer 'adamw'; allowed: adam, "),
+    ("negative lr", lambda d: d["evaluate"]["optimizers"][0].update(lr=-0.1),
+     r"evaluate\.optimizers\[0\]\.lr: Input should be greater than 0"),
+    ("bad option", lambda d: d["evaluate"]["optimizers"][0].update(options={"betas": [0.9, 0.99]}),
+     r"evaluate\.optimizers\[0\]: unknown option\(s\) betas for optimizer 'adam'; allowed options: beta1, beta2, eps"),
+    ("lr and sweep", lambda d: d["evaluate"]["optimizers"][0].update(lr_sweep=[0.1]), r"either lr or lr_sweep"),
+    ("duplicate names", lambda d: d["evaluate"]["optimizers"][1].update(kind="adam"), r"names must be unique.*adam"),
+    ("missing section", lambda d: d.pop("task"), r"task: required field is missing"),
+    ("bad split", lambda d: d["task"].update(data={"split": "validation"}), r"task\.data\.split: Input should be 'train' or 'test'"),
+    ("bad device", lambda d: d.update(device="tpu"), r"device: unknown device 'tpu'; allowed: auto, cpu, cuda"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_values_name_field_and_allowed(case, change, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config_with(change))
+
+
+def test_valid_config_gets_defaults():
+    config = validate_config(copy.deepcopy(VALID))
+    assert config.task.hidden_sizes == [20] and config.task.batch_size == 128
+    assert config.task.data.split == "train" and config.evaluate.seed == 0
+    assert [o.name for o in config.evaluate.optimizers] == ["adam", "sgd"]
+
+
+def test_overrides_set_nested_values_and_list_items(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    config = load_config(path, ["evaluate.runs=7", "task.data.split=test", "evaluate.optimizers.0.lr=0.5",
+                                "task.hidden_sizes=[8, 4]"])
+    assert config.evaluate.runs == 7 and config.task.data.split == "test"
+    assert config.evaluate.optimizers[0].lr == 0.5 and config.task.hidden_sizes == [8, 4]
+    with pytest.raises(ConfigError, match=r"evaluate\.runs: Input should be greater than or equal to 1"):
+        load_config(path, ["evaluate.runs=-1"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("evaluate.runs", r"--set expects KEY=VALUE"),
+    ("evaluate.optimizers.5.lr=1", r"'5' is not an index of a list of 2 items"),
+])
+def test_malformed_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(copy.deepcopy(VALID), [override])
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)

@@ -1,0 +1,205 @@
+"""Tests for the Hamiltonian learned optimizers: HNNSeed (OPT-ML 2020) and PHNN (port-Hamiltonian)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import Tensor
+
+from metaopt.optimizers.base import MetaParams, NetworkOptimizer
+from metaopt.optimizers.baselines import Momentum
+from metaopt.optimizers.hnn_seed import HNNSeed
+from metaopt.optimizers.phnn import PHNN
+from metaopt.tasks.quadratic import Quadratic
+
+FACTORIES = {
+    "hnn_seed": lambda: HNNSeed(),
+    "hnn_seed_raw": lambda: HNNSeed(preprocess=False),
+    "phnn": lambda: PHNN(),
+    "phnn_k3_leapfrog": lambda: PHNN(state_dim=3, state_features=True, integrator="leapfrog"),
+}
+STATE_DIMS = {"hnn_seed": 2, "hnn_seed_raw": 1, "phnn": 1, "phnn_k3_leapfrog": 3}
+
+
+def perturbed(meta_params: MetaParams, seed: int = 0, scale: float = 0.1) -> MetaParams:
+    """``meta_params`` plus seeded noise, so zero-initialised layers do not hide anything."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in meta_params.items()}
+
+
+def unroll(
+    optimizer: NetworkOptimizer, meta_params: MetaParams, steps: int, count: int = 4, meta_loss: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Optimize ``count`` quadratics for ``steps`` steps; (parameter trajectory [steps, B, n], summed losses)."""
+    family = Quadratic(dim=10)
+    optimizees = family.sample(range(count))
+    params = optimizees.params.clone()
+    state = optimizer.init_state(params)
+    trajectory, total = [], params.new_zeros(())
+    for step in range(steps):
+        leaf = params.detach().requires_grad_(True)
+        (grads,) = torch.autograd.grad(family.batched_loss(leaf, optimizees, step).sum(), leaf)
+        updates, state = optimizer.update(meta_params, grads, state, step)
+        params = params + updates if meta_loss else (params + updates).detach()
+        trajectory.append(params.detach())
+        if meta_loss:
+            total = total + family.batched_loss(params, optimizees, step + 1).sum()
+    return torch.stack(trajectory), total
+
+
+def meta_gradients(optimizer: NetworkOptimizer, meta_params: MetaParams, steps: int = 5) -> dict[str, Tensor]:
+    """Meta-gradient of the summed losses of a short first-order unroll on 4 quadratics."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in meta_params.items()}
+    _, total = unroll(optimizer, leaves, steps, meta_loss=True)
+    return dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("shape", [(7,), (3, 5)])
+def test_shapes(name: str, shape: tuple[int, ...]):
+    optimizer = FACTORIES[name]()
+    meta_params = optimizer.init_meta_params(0)
+    state = optimizer.init_state(torch.zeros(shape))
+    assert {k: v.shape for k, v in state.items()} == {"p": torch.Size(shape + (STATE_DIMS[name],))}
+    assert all((v == 0).all() for v in state.values())
+    updates, state = optimizer.update(meta_params, torch.randn(shape), state, 0)
+    assert updates.shape == torch.Size(shape)
+    assert state["p"].shape == torch.Size(shape + (STATE_DIMS[name],))
+    assert torch.isfinite(updates).all()
+    json.dumps(optimizer.spec())
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_init_meta_params_seeded(name: str):
+    optimizer = FACTORIES[name]()
+    a, b, c = (optimizer.init_meta_params(s) for s in (0, 0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_coordinatewise(name: str):
+    optimizer = FACTORIES[name]()
+    meta_params = perturbed(optimizer.init_meta_params(0))
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 6, generator=generator) for _ in range(3)]
+    perm = torch.randperm(6, generator=generator)
+    batch_state, perm_state = optimizer.init_state(grads[0]), optimizer.init_state(grads[0][:, perm])
+    row_states = [optimizer.init_state(grads[0][i]) for i in range(3)]
+    for step, g in enumerate(grads):
+        updates, batch_state = optimizer.update(meta_params, g, batch_state, step)
+        perm_updates, perm_state = optimizer.update(meta_params, g[:, perm], perm_state, step)
+        torch.testing.assert_close(perm_updates, updates[:, perm])
+        for i in range(3):
+            row_updates, row_states[i] = optimizer.update(meta_params, g[i], row_states[i], step)
+            torch.testing.assert_close(row_updates, updates[i])
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_no_grad_matches_grad_mode(name: str):
+    optimizer = FACTORIES[name]()
+    meta_params = {k: v.requires_grad_(True) for k, v in perturbed(optimizer.init_meta_params(0)).items()}
+    grads = torch.randn(4, 10)
+    state = optimizer.init_state(grads)
+    with_grad, next_state = optimizer.update(meta_params, grads, state, 0)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without_grad, _ = optimizer.update(meta_params, grads, state, 0)
+        again, _ = optimizer.update(meta_params, grads, {k: v.detach() for k, v in next_state.items()}, 1)
+    assert not without_grad.requires_grad
+    torch.testing.assert_close(without_grad, with_grad.detach())
+    assert torch.isfinite(again).all()
+
+
+def assert_all_meta_gradients(grads: dict[str, Tensor]):
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_hnn_seed_every_meta_param_gets_meta_gradient(preprocess: bool):
+    optimizer = HNNSeed(preprocess=preprocess)
+    assert_all_meta_gradients(meta_gradients(optimizer, optimizer.init_meta_params(0)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}],
+)
+def test_phnn_every_meta_param_gets_meta_gradient(options: dict):
+    optimizer = PHNN(**options)
+    meta_params = optimizer.init_meta_params(0)
+    grads = meta_gradients(optimizer, meta_params)
+    # At initialisation the zero last layers gate their MLPs' hidden layers (exactly zero gradient);
+    # everything else already learns, and one meta-step opens the hidden layers too.
+    gated = {k for k in grads if k.split(".")[0] in ("hamiltonian", "dissipation", "port") and ".0." in k}
+    assert gated
+    assert_all_meta_gradients({k: v for k, v in grads.items() if k not in gated})
+    assert all((grads[k] == 0).all() for k in gated)
+    stepped = {k: v - 1e-2 * torch.sign(grads[k]) for k, v in meta_params.items()}
+    assert_all_meta_gradients(meta_gradients(optimizer, stepped))
+
+
+def test_phnn_learned_hamiltonian_double_backward():
+    """∂H/∂p comes from torch.func.grad; the meta-gradient through it must be the true derivative."""
+    optimizer = PHNN(hidden=4)
+    meta_params = {k: v.double() for k, v in perturbed(optimizer.init_meta_params(0)).items()}
+    grads = torch.randn(5, dtype=torch.float64)
+    state = {"p": torch.randn(5, 1, dtype=torch.float64)}
+
+    def step(weight: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        updates, new_state = optimizer.update({**meta_params, "hamiltonian.0.weight": weight}, grads, {"p": p}, 0)
+        return updates, new_state["p"]
+
+    weight = meta_params["hamiltonian.0.weight"].clone().requires_grad_(True)
+    p = state["p"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(step, (weight, p))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "count"),
+    [
+        (HNNSeed(), 59),
+        (HNNSeed(preprocess=False), 19),
+        (PHNN(), 229),
+        (PHNN(hamiltonian="quadratic", dissipation="constant", port="identity"), 2),
+        (PHNN(state_dim=3, hidden=8, state_features=True), 1 + 9 + 7 * 8 + (6 * 8 + 8 * 9 + 9) + (6 * 8 + 48 + 6) + 3),
+    ],
+)
+def test_num_meta_params(optimizer: NetworkOptimizer, count: int):
+    assert optimizer.num_meta_params() == count
+    assert sum(v.numel() for v in optimizer.init_meta_params(0).values()) == count
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hamiltonian": "quadratic", "dissipation": "constant", "port": "identity"},
+        {},
+        {"state_dim": 2, "state_features": True},
+    ],
+)
+@pytest.mark.parametrize(("lr", "momentum"), [(0.01, 0.9), (0.005, 0.8)])
+def test_phnn_starts_as_heavy_ball(options: dict, lr: float, momentum: float):
+    optimizer = PHNN(init_lr=lr, init_momentum=momentum, **options)
+    phnn, _ = unroll(optimizer, optimizer.init_meta_params(0), steps=50)
+    heavy_ball, _ = unroll(Momentum(lr, momentum), {}, steps=50)
+    torch.testing.assert_close(phnn, heavy_ball, rtol=1e-5, atol=1e-5)
+
+
+def test_phnn_leapfrog_differs_from_semi_implicit_euler():
+    euler = PHNN()
+    leapfrog = PHNN(integrator="leapfrog")
+    meta_params = euler.init_meta_params(0)
+    euler_trajectory, _ = unroll(euler, meta_params, steps=10)
+    leapfrog_trajectory, _ = unroll(leapfrog, meta_params, steps=10)
+    assert torch.isfinite(leapfrog_trajectory).all()
+    assert not torch.allclose(euler_trajectory, leapfrog_trajectory)
+
+
+def test_phnn_rejects_unknown_switch():
+    with pytest.raises(ValueError):
+        PHNN(integrator="rk4")
