@@ -8,6 +8,7 @@ from pathlib import Path
 
 from metaopt import __version__
 from metaopt.config import ConfigError, load_config
+from metaopt.meta.checkpoint import CheckpointError
 from metaopt.tasks import DataNotFoundError
 
 
@@ -15,12 +16,60 @@ def _evaluate(args: argparse.Namespace) -> int:
     from metaopt.evaluate import default_output_dir, run_evaluation
 
     config = load_config(args.config, args.set)
-    output_dir = Path(args.output) if args.output else default_output_dir(config, Path(args.config).stem)
+    config.require("evaluate")
+    output_dir = Path(args.output) if args.output else default_output_dir(config, Path(args.config).stem, "evaluate")
     print(f"metaopt evaluate: writing to {output_dir}")
     _, table = run_evaluation(config, output_dir, show_progress=not args.no_progress)
     print(table)
     print(f"results: {output_dir} (curves.parquet, summary.parquet, table.md, curves.png)")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from metaopt.evaluate import Candidate, candidate_for, compare, default_output_dir
+    from metaopt.evaluate.report import write_report
+    from metaopt.meta import MetaTrainer
+
+    config = load_config(args.config, args.set)
+    config.require("optimizer", "train", "evaluate")
+    if args.resume:
+        resume = Path(args.resume)
+        run_dir = resume.parent.parent if (resume / "spec.json").exists() else resume
+    else:
+        run_dir = Path(args.output) if args.output else default_output_dir(config, Path(args.config).stem, "train")
+    trainer = MetaTrainer(config, run_dir)
+    if args.resume:
+        trainer.resume(Path(args.resume))
+        print(f"metaopt train: resuming {run_dir} at meta-step {trainer.meta_step}")
+    print(f"metaopt train: {config.optimizer.kind} ({trainer.optimizer.num_meta_params()} meta-parameters) "
+          f"on {config.task.kind}; writing to {run_dir}")
+    checkpoint = trainer.train(show_progress=not args.no_progress)
+    print(f"final checkpoint: {checkpoint}")
+
+    evaluation = config.evaluate
+    learned = config.optimizer.kind
+    candidates = [
+        Candidate(learned, lambda lr: trainer.optimizer, meta_params={k: v.detach() for k, v in trainer.meta_params.items()}),
+        Candidate(f"{learned} (untrained)", lambda lr: trainer.optimizer,
+                  meta_params={k: v.to(trainer.device) for k, v in trainer.optimizer.init_meta_params(config.train.seed).items()}),
+        *(candidate_for(o, trainer.device) for o in evaluation.optimizers),
+    ]
+    results = compare(candidates, trainer.heldout_family, evaluation.steps, evaluation.runs, evaluation.seed,
+                      tuning_family=trainer.train_family, sweep_runs=evaluation.sweep_runs,
+                      show_progress=not args.no_progress)
+    title = f"{config.task.kind}: {learned} after {trainer.meta_step} meta-steps vs hand-designed, {evaluation.runs} held-out runs"
+    table = write_report(results, run_dir / "evaluation", title)
+    print(table)
+    print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. jobs/configs/quadratic.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set evaluate.runs=10 (repeatable)")
+    parser.add_argument("--output", metavar="DIR", help="output folder (default: <output_dir>/<config>-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the configured optimizers on held-out optimizees; write curves.parquet, "
         "summary.parquet, table.md and curves.png, and print the table.",
     )
-    evaluate.add_argument("config", help="YAML config, e.g. jobs/configs/quadratic.yaml")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config value, e.g. --set evaluate.runs=10 (repeatable)")
-    evaluate.add_argument("--output", metavar="DIR", help="output folder (default: evaluate.output_dir/<config>-<time>)")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_common(evaluate)
     evaluate.set_defaults(handler=_evaluate)
+
+    train = commands.add_parser(
+        "train", help="meta-train a learned optimizer, then compare it with tuned hand-designed ones",
+        description="Meta-train config.optimizer on config.task (truncated unrolls, Adam meta-steps), "
+        "checkpointing under the run folder; then evaluate it against config.evaluate's optimizers.",
+    )
+    _add_common(train)
+    train.add_argument("--resume", metavar="PATH", help="continue a run folder (its latest checkpoint) or a checkpoint folder")
+    train.set_defaults(handler=_train)
     return parser
 
 
@@ -48,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataNotFoundError) as error:
+    except (ConfigError, DataNotFoundError, CheckpointError) as error:
         print(f"metaopt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

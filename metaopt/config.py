@@ -15,7 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from metaopt.optimizers import OPTIMIZERS, optimizer_options
+from metaopt.optimizers import LEARNED, OPTIMIZERS, optimizer_options
 
 
 class ConfigError(ValueError):
@@ -56,10 +56,22 @@ class MnistMLPTaskConfig(StrictModel):
 TaskConfig = Annotated[Union[QuadraticTaskConfig, MnistMLPTaskConfig], Field(discriminator="kind")]
 
 
-class OptimizerConfig(StrictModel):
-    """One optimizer to evaluate: a kind, its learning rate (or a sweep of them) and options."""
+def _check_options(kind: str, options: dict[str, Any]) -> None:
+    allowed = optimizer_options(kind)
+    unknown = sorted(set(options) - set(allowed) | ({"lr"} & set(options)))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for optimizer {kind!r}; allowed options: "
+            f"{', '.join(k for k in allowed if k != 'lr') or 'none'}" + (" (set lr with the 'lr' field)" if "lr" in allowed else "")
+        )
 
-    kind: str
+
+class OptimizerConfig(StrictModel):
+    """One optimizer to evaluate: a kind with its learning rate (or a sweep of rates) and options,
+    or a trained optimizer's ``checkpoint`` folder."""
+
+    kind: str | None = None
+    checkpoint: str | None = None
     name: str | None = None
     lr: float | None = Field(None, gt=0)
     lr_sweep: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
@@ -67,20 +79,22 @@ class OptimizerConfig(StrictModel):
 
     @field_validator("kind")
     @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        if kind not in OPTIMIZERS:
+    def _known_kind(cls, kind: str | None) -> str | None:
+        if kind is not None and kind not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {kind!r}; allowed: {', '.join(sorted(OPTIMIZERS))}")
         return kind
 
     @model_validator(mode="after")
-    def _known_options(self) -> OptimizerConfig:
-        allowed = optimizer_options(self.kind)
-        unknown = sorted(set(self.options) - set(allowed) | ({"lr"} & set(self.options)))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)} for optimizer {self.kind!r}; allowed options: "
-                f"{', '.join(k for k in allowed if k != 'lr') or 'none'} (set lr with the 'lr' field)"
-            )
+    def _consistent(self) -> OptimizerConfig:
+        if (self.kind is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of kind (a built-in optimizer) or checkpoint (a trained one's folder)")
+        if self.checkpoint is not None:
+            if self.lr is not None or self.lr_sweep is not None or self.options:
+                raise ValueError("a checkpoint carries its own settings: drop lr, lr_sweep and options")
+            if self.name is None:
+                self.name = Path(self.checkpoint).name
+            return self
+        _check_options(self.kind, self.options)
         if self.lr is not None and self.lr_sweep is not None:
             raise ValueError("set either lr or lr_sweep, not both")
         if self.name is None:
@@ -93,6 +107,70 @@ class OptimizerConfig(StrictModel):
 
         lr = lr if lr is not None else self.lr
         return make_optimizer(self.kind, **({"lr": lr} if lr is not None else {}), **self.options)
+
+
+class LearnedOptimizerConfig(StrictModel):
+    """The learned optimizer to meta-train: its kind and constructor options."""
+
+    kind: str = "phnn"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _learned_kind(cls, kind: str) -> str:
+        if kind not in LEARNED:
+            raise ValueError(f"{kind!r} is not a learned optimizer; allowed: {', '.join(LEARNED)}")
+        return kind
+
+    @model_validator(mode="after")
+    def _known_options(self) -> LearnedOptimizerConfig:
+        _check_options(self.kind, self.options)
+        return self
+
+    def build(self):
+        """The configured learned optimizer."""
+        from metaopt.optimizers import make_optimizer
+
+        return make_optimizer(self.kind, **self.options)
+
+
+class EstimatorConfig(StrictModel):
+    """How meta-gradients are estimated: truncated backprop (tbptt), antithetic ES, or PES."""
+
+    kind: Literal["tbptt", "es", "pes"] = "tbptt"
+    second_order: bool = False
+    pairs: int = Field(8, ge=1, description="antithetic perturbation pairs (es, pes)")
+    sigma: float = Field(0.01, gt=0, description="perturbation scale (es, pes)")
+
+    @model_validator(mode="after")
+    def _second_order_needs_backprop(self) -> EstimatorConfig:
+        if self.second_order and self.kind != "tbptt":
+            raise ValueError("second_order applies to kind: tbptt only")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Meta-training: episodes of ``episode_length`` optimizee steps, a meta-step every ``unroll``."""
+
+    meta_steps: int = Field(500, ge=1)
+    unroll: int = Field(20, ge=1)
+    episode_length: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1, description="optimizees trained together in each episode")
+    meta_lr: float = Field(0.003, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(50, ge=1)
+    eval_runs: int = Field(20, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    output_dir: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _unroll_fits(self) -> TrainConfig:
+        if self.unroll > self.episode_length:
+            raise ValueError(f"unroll ({self.unroll}) must not exceed episode_length ({self.episode_length})")
+        return self
 
 
 class EvaluateConfig(StrictModel):
@@ -116,11 +194,19 @@ class EvaluateConfig(StrictModel):
 
 
 class Config(StrictModel):
-    """A whole experiment."""
+    """A whole experiment: the task, and what to evaluate and/or meta-train on it."""
 
     task: TaskConfig
-    evaluate: EvaluateConfig
+    evaluate: EvaluateConfig | None = None
+    optimizer: LearnedOptimizerConfig | None = None
+    train: TrainConfig | None = None
     device: str = "auto"
+
+    def require(self, *sections: str) -> None:
+        """Raise ``ConfigError`` unless every named section is present."""
+        missing = [name for name in sections if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"this command needs the config section(s): {', '.join(missing)}")
 
     @field_validator("device")
     @classmethod

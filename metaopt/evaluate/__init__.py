@@ -5,24 +5,35 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from metaopt.config import Config, resolve_device
+import torch
+
+from metaopt.config import Config, OptimizerConfig, resolve_device
 from metaopt.evaluate.harness import Candidate, Result, compare, rollout_losses
 from metaopt.evaluate.report import write_report
+from metaopt.meta.checkpoint import load_checkpoint
 from metaopt.tasks import make_task
 
 
-def default_output_dir(config: Config, name: str) -> Path:
-    """``<evaluate.output_dir>/<name>-<timestamp>``."""
-    return Path(config.evaluate.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_output_dir(config: Config, name: str, command: str) -> Path:
+    """``<output_dir of the command's section>/<name>-<timestamp>``."""
+    section = config.train if command == "train" else config.evaluate
+    return Path(section.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def candidate_for(optimizer: OptimizerConfig, device: torch.device) -> Candidate:
+    """A harness candidate for a configured built-in optimizer or a trained checkpoint."""
+    if optimizer.checkpoint is None:
+        return Candidate(optimizer.name, optimizer.build, optimizer.lr, optimizer.lr_sweep)
+    learned, meta_params, _ = load_checkpoint(optimizer.checkpoint)
+    return Candidate(optimizer.name, lambda lr: learned, meta_params={k: v.to(device) for k, v in meta_params.items()})
 
 
 def run_evaluation(config: Config, output_dir: Path, show_progress: bool = True) -> tuple[list[Result], str]:
     """Evaluate every configured optimizer; write the report to ``output_dir`` and return the table."""
+    config.require("evaluate")
     device = resolve_device(config.device)
     evaluation = config.evaluate
-    candidates = [
-        Candidate(name=o.name, build=o.build, lr=o.lr, lr_sweep=o.lr_sweep) for o in evaluation.optimizers
-    ]
+    candidates = [candidate_for(o, device) for o in evaluation.optimizers]
     needs_tuning = any(c.lr_sweep for c in candidates)
     results = compare(
         candidates,
@@ -39,4 +50,4 @@ def run_evaluation(config: Config, output_dir: Path, show_progress: bool = True)
     return results, table
 
 
-__all__ = ["Candidate", "Result", "compare", "default_output_dir", "rollout_losses", "run_evaluation"]
+__all__ = ["Candidate", "Result", "candidate_for", "compare", "default_output_dir", "rollout_losses", "run_evaluation"]

@@ -10,6 +10,15 @@ from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
 
 
+def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``cell``'s step written out (same weights and gate order), so torch.func.vmap can batch it
+    over perturbed meta-parameters (ES/PES); ``aten::lstm_cell`` has no batching rule."""
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class _StackedLSTM(nn.Module):
     """Stacked ``LSTMCell`` layers and a linear read-out, one time step for a batch of coordinates."""
 
@@ -24,7 +33,7 @@ class _StackedLSTM(nn.Module):
         new_h, new_c = [], []
         x = inputs
         for layer, cell in enumerate(self.cells):
-            h_layer, c_layer = cell(x, (h[:, layer], c[:, layer]))
+            h_layer, c_layer = _lstm_cell(cell, x, h[:, layer], c[:, layer])
             new_h.append(h_layer)
             new_c.append(c_layer)
             x = h_layer

@@ -30,9 +30,10 @@ class Optimizees:
         return self.seeds.shape[0]
 
 
-def optimizee_seeds(seed: int, count: int, split: Split) -> list[int]:
-    """``count`` optimizee seeds; meta-train seeds are even and meta-test seeds odd, so never shared."""
-    rng = np.random.default_rng([seed, 0 if split == "meta_train" else 1])
+def optimizee_seeds(seed: int, count: int, split: Split, stream: int = 0) -> list[int]:
+    """``count`` optimizee seeds of ``stream`` (e.g. an episode index); meta-train seeds are even
+    and meta-test seeds odd, so the two splits never share an optimizee."""
+    rng = np.random.default_rng([seed, 0 if split == "meta_train" else 1, stream])
     halves = rng.integers(0, 2**30, size=count)
     return [int(2 * h + (split == "meta_test")) for h in halves]
 

@@ -1,0 +1,192 @@
+"""Meta-gradient estimators over truncated unrolls (learned_optimization's GradientEstimator).
+
+Each estimator owns the optimizee state it carries between truncations and returns a
+meta-gradient for the current meta-parameters:
+
+- ``TruncatedBackprop``: backpropagation through the unroll, first-order (default) or full.
+- ``AntitheticES``: antithetic evolution strategies; needs only losses. Every particle carries
+  its own optimizees, and each truncation draws fresh perturbations (truncated ES).
+- ``PES`` (Vicol et al. 2021): the same particles, but the perturbations accumulate over the
+  truncations of an episode, which removes truncated ES's bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from metaopt.meta.unroll import UnrollState, start_episode, unroll
+from metaopt.optimizers import MetaParams, Optimizer
+from metaopt.tasks import Optimizees, TaskFamily
+
+SeedsFn = Callable[[int], list[int]]  # episode index -> optimizee seeds
+
+
+@dataclass
+class Estimate:
+    """A meta-gradient and what the truncation measured."""
+
+    grads: MetaParams
+    meta_loss: float  # mean optimizee loss over the truncation's steps
+    optimizee_steps: int  # optimizee steps taken (optimizees × steps)
+
+
+class Estimator:
+    """Carries optimizee state across truncations; ``estimate`` gives the next meta-gradient."""
+
+    def __init__(self, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int,
+                 episode_length: int):
+        self.family = family
+        self.optimizer = optimizer
+        self.seeds = seeds
+        self.unroll_length = unroll_length
+        self.episode_length = episode_length
+        self.episode = 0
+        self.state: UnrollState | None = None
+
+    def _state_for_step(self) -> UnrollState:
+        """The carried state, or the next episode's fresh optimizees when the last one is over."""
+        if self.state is not None and self.state.step >= self.episode_length:
+            self.reset_episode()
+        if self.state is None:
+            self.state = self._new_episode()
+        return self.state
+
+    def _new_episode(self) -> UnrollState:
+        return start_episode(self.family.sample(self.seeds(self.episode)), self.optimizer)
+
+    def reset_episode(self) -> None:
+        """Move on to a new episode (also after a non-finite meta-gradient)."""
+        self.episode += 1
+        self.state = None
+
+    def _length(self, state: UnrollState) -> int:
+        return min(self.unroll_length, self.episode_length - state.step)
+
+    def estimate(self, meta_params: MetaParams) -> Estimate:
+        raise NotImplementedError
+
+    # Checkpointing: the carried state as a flat dict of tensors (torch.load(weights_only=True)).
+    def state_dict(self) -> dict:
+        if self.state is None:
+            return {"episode": self.episode}
+        s = self.state
+        return {
+            "episode": self.episode,
+            "step": s.step,
+            "seeds": s.optimizees.seeds,
+            "params": s.params.detach(),
+            "data": {k: v for k, v in s.optimizees.data.items()},
+            "opt_state": {k: v.detach() for k, v in s.opt_state.items()},
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.episode = int(saved["episode"])
+        if "step" not in saved:
+            self.state = None
+            return
+        optimizees = Optimizees(saved["seeds"], saved["params"], dict(saved["data"]))
+        self.state = UnrollState(optimizees, saved["params"], dict(saved["opt_state"]), int(saved["step"]))
+
+
+class TruncatedBackprop(Estimator):
+    """Backpropagate the summed optimizee loss of a truncation into the meta-parameters."""
+
+    def __init__(self, *args, second_order: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.second_order = second_order
+
+    def estimate(self, meta_params: MetaParams) -> Estimate:
+        state = self._state_for_step()
+        leaves = {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
+        length = self._length(state)
+        losses, new_state = unroll(self.family, self.optimizer.update, leaves, state, length, self.second_order)
+        meta_loss = losses.mean(dim=1).sum()
+        grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
+        self.state = new_state.detached()
+        return Estimate(
+            {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)},
+            float(meta_loss.detach()) / length,
+            length * len(state.optimizees),
+        )
+
+
+class AntitheticES(Estimator):
+    """Antithetic ES over ``pairs`` perturbation pairs of scale ``sigma``; PES when ``persistent``."""
+
+    def __init__(self, *args, pairs: int = 8, sigma: float = 0.01, persistent: bool = False,
+                 generator_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pairs = pairs
+        self.sigma = sigma
+        self.persistent = persistent
+        self.generator = torch.Generator().manual_seed(generator_seed)
+        self.accumulated: dict[str, Tensor] | None = None
+
+    def _new_episode(self) -> UnrollState:
+        """Every one of the 2·pairs particles gets a copy of the same fresh optimizees."""
+        self.accumulated = None
+        base = self.family.sample(self.seeds(self.episode))
+        particles = 2 * self.pairs
+        optimizees = Optimizees(
+            base.seeds.repeat(particles),
+            base.params.repeat(particles, 1),
+            {k: v.repeat(particles, *[1] * (v.dim() - 1)) for k, v in base.data.items()},
+        )
+        return start_episode(optimizees, self.optimizer)
+
+    def estimate(self, meta_params: MetaParams) -> Estimate:
+        state = self._state_for_step()
+        noise = {
+            k: torch.randn((self.pairs, *v.shape), generator=self.generator).to(v) * self.sigma
+            for k, v in meta_params.items()
+        }
+        perturbed = {k: torch.cat([v + noise[k], v - noise[k]]) for k, v in meta_params.items()}
+        if self.persistent:
+            self.accumulated = noise if self.accumulated is None else {
+                k: self.accumulated[k] + noise[k] for k in noise}
+        direction = self.accumulated if self.persistent else noise
+        particles = 2 * self.pairs
+        per_particle = len(state.optimizees) // particles
+        batched_update = torch.func.vmap(self.optimizer.update, in_dims=(0, 0, 0, None))
+
+        def update(params_: MetaParams, grads: Tensor, opt_state, step: int):
+            split = lambda t: t.reshape(particles, per_particle, *t.shape[1:])  # noqa: E731
+            updates, new_state = batched_update(params_, split(grads), {k: split(v) for k, v in opt_state.items()}, step)
+            merge = lambda t: t.reshape(particles * per_particle, *t.shape[2:])  # noqa: E731
+            return merge(updates), {k: merge(v) for k, v in new_state.items()}
+
+        length = self._length(state)
+        with torch.no_grad():
+            losses, new_state = unroll(self.family, update, perturbed, state, length)
+        self.state = new_state.detached()
+        particle_loss = losses.reshape(length, particles, per_particle).mean(dim=(0, 2))  # [2·pairs]
+        difference = particle_loss[: self.pairs] - particle_loss[self.pairs:]  # [pairs]
+        scale = length / (2 * self.sigma**2 * self.pairs)
+        grads = {k: scale * torch.einsum("p,p...->...", difference, direction[k]) for k in meta_params}
+        return Estimate(grads, float(particle_loss.mean()), length * len(state.optimizees))
+
+    def state_dict(self) -> dict:
+        saved = {**super().state_dict(), "generator": self.generator.get_state()}
+        if self.accumulated is not None:
+            saved["accumulated"] = self.accumulated
+        return saved
+
+    def load_state_dict(self, saved: dict) -> None:
+        super().load_state_dict(saved)
+        self.generator.set_state(saved["generator"])
+        self.accumulated = dict(saved["accumulated"]) if "accumulated" in saved else None
+
+
+def make_estimator(config, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int,
+                   episode_length: int, seed: int = 0) -> Estimator:
+    """The estimator an ``EstimatorConfig`` describes."""
+    common = dict(family=family, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length,
+                  episode_length=episode_length)
+    if config.kind == "tbptt":
+        return TruncatedBackprop(**common, second_order=config.second_order)
+    return AntitheticES(**common, pairs=config.pairs, sigma=config.sigma, persistent=config.kind == "pes",
+                        generator_seed=seed)

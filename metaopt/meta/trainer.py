@@ -1,0 +1,160 @@
+"""Single-process meta-training: estimate a meta-gradient, clip it, take an Adam meta-step.
+
+The whole loop reads top to bottom in ``MetaTrainer.train``. Nothing here imports Ray or MLflow;
+``on_metrics`` is how a caller (the CLI, a Ray learner, a tracker) sees progress.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from metaopt.config import Config, resolve_device
+from metaopt.evaluate.harness import mean_final_loss, rollout_losses
+from metaopt.meta.checkpoint import (
+    CheckpointError, list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint,
+)
+from metaopt.meta.estimators import make_estimator
+from metaopt.optimizers import MetaParams
+from metaopt.tasks import make_task, optimizee_seeds
+
+MetricsFn = Callable[[int, dict[str, float]], None]
+
+
+class MetaTrainer:
+    """Meta-trains ``config.optimizer`` on ``config.task`` as ``config.train`` says."""
+
+    def __init__(self, config: Config, run_dir: Path):
+        config.require("optimizer", "train")
+        self.config, self.run_dir = config, Path(run_dir)
+        train = config.train
+        self.device = resolve_device(config.device)
+        self.optimizer = config.optimizer.build()
+        self.train_family = make_task(config.task, "meta_train", self.device)
+        self.heldout_family = make_task(config.task, "meta_test", self.device)
+        self.heldout = self.heldout_family.sample(optimizee_seeds(train.seed, train.eval_runs, "meta_test"))
+        self.meta_params: MetaParams = {
+            k: v.to(self.device).requires_grad_(True) for k, v in self.optimizer.init_meta_params(train.seed).items()
+        }
+        self.meta_optimizer = torch.optim.Adam(list(self.meta_params.values()), lr=train.meta_lr)
+        self.estimator = make_estimator(
+            train.estimator, self.train_family, self.optimizer,
+            seeds=lambda episode: optimizee_seeds(train.seed, train.batch_size, "meta_train", stream=episode),
+            unroll_length=train.unroll, episode_length=train.episode_length, seed=train.seed,
+        )
+        self.meta_step = 0
+        self.skipped = 0
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def meta_gradient_step(self) -> dict[str, float]:
+        """One meta-step; a non-finite meta-gradient is skipped and counted, never applied."""
+        started = time.perf_counter()
+        estimate = self.estimator.estimate({k: v.detach() for k, v in self.meta_params.items()})
+        grads = list(estimate.grads.values())
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        applied = math.isfinite(norm) and math.isfinite(estimate.meta_loss)
+        if applied:
+            scale = min(1.0, self.config.train.grad_clip / (norm + 1e-12)) if self.config.train.grad_clip else 1.0
+            for param, grad in zip(self.meta_params.values(), grads):
+                param.grad = grad * scale
+            self.meta_optimizer.step()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+        else:
+            self.skipped += 1
+            self.estimator.reset_episode()  # its optimizees have most likely diverged
+        self.meta_step += 1
+        seconds = time.perf_counter() - started
+        return {
+            "meta_loss": estimate.meta_loss,
+            "grad_norm": norm,
+            "skipped_nonfinite": float(self.skipped),
+            "optimizee_steps_per_s": estimate.optimizee_steps / seconds,
+        }
+
+    def heldout_loss(self) -> float:
+        """Mean final loss of the current optimizer on the fixed held-out optimizees."""
+        meta_params = {k: v.detach() for k, v in self.meta_params.items()}
+        losses = rollout_losses(self.heldout_family, self.optimizer, meta_params, self.heldout,
+                                self.config.train.episode_length)
+        return mean_final_loss(losses)
+
+    def train(self, show_progress: bool = True, on_metrics: MetricsFn | None = None) -> Path:
+        """Meta-train until ``train.meta_steps``; return the final checkpoint."""
+        train = self.config.train
+        bar = tqdm(total=train.meta_steps, initial=self.meta_step, desc="meta-train", unit="meta-step",
+                   disable=not show_progress)
+        while self.meta_step < train.meta_steps:
+            metrics = self.meta_gradient_step()
+            if self.meta_step % train.eval_every == 0 or self.meta_step == train.meta_steps:
+                metrics["heldout_loss"] = self.heldout_loss()
+            self.history.append({"meta_step": self.meta_step, **metrics})
+            if on_metrics:
+                on_metrics(self.meta_step, metrics)
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4g}",
+                            steps_per_s=f"{metrics['optimizee_steps_per_s']:.0f}",
+                            **({"heldout": f"{metrics['heldout_loss']:.4g}"} if "heldout_loss" in metrics else {}))
+            if self.meta_step % train.checkpoint_every == 0 or self.meta_step == train.meta_steps:
+                self.save()
+        bar.close()
+        return list_checkpoints(self.checkpoint_dir)[-1]
+
+    def save(self) -> Path:
+        """Checkpoint everything needed to continue exactly, and the metrics so far."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(self.history).to_parquet(self.run_dir / "metrics.parquet", index=False)
+        return save_checkpoint(
+            self.checkpoint_dir, self.meta_step, self.optimizer, self.meta_params,
+            trainer_state={
+                "meta_step": self.meta_step,
+                "skipped": self.skipped,
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "estimator": self.estimator.state_dict(),
+            },
+            extra_spec={"task": self.config.task.model_dump(), "train": self.config.train.model_dump()},
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint`` (a checkpoint folder, or a run folder: its latest checkpoint)."""
+        checkpoint = Path(checkpoint)
+        if not (checkpoint / "spec.json").exists():
+            found = list_checkpoints(checkpoint / "checkpoints") or list_checkpoints(checkpoint)
+            if not found:
+                raise CheckpointError(f"no checkpoint to resume under {checkpoint} (expected meta_step_* folders)")
+            checkpoint = found[-1]
+        _, weights, spec = load_checkpoint(checkpoint)
+        expected = self.optimizer.spec()
+        if (spec["kind"], spec["hyperparameters"]) != (expected["kind"], expected["hyperparameters"]):
+            raise CheckpointError(
+                f"checkpoint {checkpoint} holds {spec['kind']} {spec['hyperparameters']}, but the config "
+                f"trains {expected['kind']} {expected['hyperparameters']}; resume with the config it was made with"
+            )
+        state = load_trainer_state(checkpoint)
+        with torch.no_grad():
+            for name, param in self.meta_params.items():
+                param.copy_(weights[name])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.estimator.load_state_dict(_to_device(state["estimator"], self.device))
+        self.meta_step, self.skipped = int(state["meta_step"]), int(state["skipped"])
+        metrics_file = self.run_dir / "metrics.parquet"
+        if metrics_file.exists():
+            self.history = [r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step]
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device) if value.dtype != torch.uint8 else value  # RNG states stay on CPU
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
