@@ -28,7 +28,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from metaopt.evaluate import Candidate, candidate_for, compare, default_output_dir
     from metaopt.evaluate.report import write_report
-    from metaopt.meta import MetaTrainer
+    from metaopt.meta import MetaTrainer, load_checkpoint
 
     config = load_config(args.config, args.set)
     config.require("optimizer", "train", "evaluate")
@@ -46,10 +46,13 @@ def _train(args: argparse.Namespace) -> int:
     checkpoint = trainer.train(show_progress=not args.no_progress)
     print(f"final checkpoint: {checkpoint}")
 
+    _, best_params, best_spec = load_checkpoint(trainer.best_checkpoint)
+    print(f"best checkpoint: {trainer.best_checkpoint} (meta-step {best_spec['meta_step']}, "
+          f"validation loss {trainer.best_heldout:.4g})")
     evaluation = config.evaluate
     learned = config.optimizer.kind
     candidates = [
-        Candidate(learned, lambda lr: trainer.optimizer, meta_params={k: v.detach() for k, v in trainer.meta_params.items()}),
+        Candidate(learned, lambda lr: trainer.optimizer, meta_params={k: v.to(trainer.device) for k, v in best_params.items()}),
         Candidate(f"{learned} (untrained)", lambda lr: trainer.optimizer,
                   meta_params={k: v.to(trainer.device) for k, v in trainer.optimizer.init_meta_params(config.train.seed).items()}),
         *(candidate_for(o, trainer.device) for o in evaluation.optimizers),
@@ -57,7 +60,8 @@ def _train(args: argparse.Namespace) -> int:
     results = compare(candidates, trainer.heldout_family, evaluation.steps, evaluation.runs, evaluation.seed,
                       tuning_family=trainer.train_family, sweep_runs=evaluation.sweep_runs,
                       show_progress=not args.no_progress)
-    title = f"{config.task.kind}: {learned} after {trainer.meta_step} meta-steps vs hand-designed, {evaluation.runs} held-out runs"
+    title = (f"{config.task.kind}: {learned} (best of {trainer.meta_step} meta-steps) vs hand-designed, "
+             f"{evaluation.runs} held-out runs")
     table = write_report(results, run_dir / "evaluation", title)
     print(table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")

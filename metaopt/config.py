@@ -242,8 +242,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)} items")
+    """A list index; ``len(node)`` appends a new item."""
+    if not part.isdigit() or int(part) > len(node):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)} items "
+                          f"(0-{len(node) - 1}, or {len(node)} to append)")
+    if int(part) == len(node):
+        node.append({})
     return int(part)
 
 

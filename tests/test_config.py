@@ -60,7 +60,8 @@ def test_overrides_set_nested_values_and_list_items(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(VALID))
     config = load_config(path, ["evaluate.runs=7", "task.data.split=test", "evaluate.optimizers.0.lr=0.5",
-                                "task.hidden_sizes=[8, 4]"])
+                                "task.hidden_sizes=[8, 4]", "evaluate.optimizers.2={kind: rmsprop, lr: 0.01}"])
+    assert [o.name for o in config.evaluate.optimizers] == ["adam", "sgd", "rmsprop"]
     assert config.evaluate.runs == 7 and config.task.data.split == "test"
     assert config.evaluate.optimizers[0].lr == 0.5 and config.task.hidden_sizes == [8, 4]
     with pytest.raises(ConfigError, match=r"evaluate\.runs: Input should be greater than or equal to 1"):
@@ -69,7 +70,7 @@ def test_overrides_set_nested_values_and_list_items(tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("evaluate.runs", r"--set expects KEY=VALUE"),
-    ("evaluate.optimizers.5.lr=1", r"'5' is not an index of a list of 2 items"),
+    ("evaluate.optimizers.5.lr=1", r"'5' is not an index of a list of 2 items \(0-1, or 2 to append\)"),
 ])
 def test_malformed_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -87,3 +88,12 @@ def test_unreadable_files(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listing)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert len(configs) >= 11
+    for path in configs:
+        load_config(path)

@@ -157,7 +157,7 @@ def test_only_complete_checkpoints_are_kept(tmp_path):
     trainer = MetaTrainer(train_config(meta_steps=9, checkpoint_every=1, keep_checkpoints=2), tmp_path / "run")
     trainer.train(show_progress=False)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["meta_step_000008", "meta_step_000009"]  # no .partial-* left behind
+    assert names == ["best", "meta_step_000008", "meta_step_000009"]  # no .partial-* left behind
 
 
 def test_train_cli_end_to_end_and_evaluate_accepts_the_checkpoint(tmp_path, capsys):
@@ -183,3 +183,14 @@ def test_train_cli_end_to_end_and_evaluate_accepts_the_checkpoint(tmp_path, caps
     # --resume of a finished run is a no-op on training that still reports.
     assert main(["train", str(config), "--resume", str(run), "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().out
+
+
+def test_best_checkpoint_tracks_the_lowest_validation_loss(tmp_path):
+    trainer = MetaTrainer(train_config(meta_steps=6, eval_every=2, estimator={"second_order": True}), tmp_path / "run")
+    trainer.train(show_progress=False)
+    initial = MetaTrainer(train_config(), tmp_path / "other").heldout_loss()
+    scored = [initial] + [h["heldout_loss"] for h in trainer.history if "heldout_loss" in h]
+    _, best_params, spec = load_checkpoint(trainer.best_checkpoint)
+    assert trainer.best_heldout == min(scored)
+    assert spec["meta_step"] == 2 * scored.index(min(scored))
+    assert "best" not in [p.name for p in trainer.checkpoint_dir.iterdir() if p.name.startswith("meta_step_")]

@@ -41,10 +41,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     extra_spec: dict[str, Any] | None = None,
     keep: int | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write ``directory/meta_step_NNNNNN`` atomically; keep only the newest ``keep`` checkpoints."""
+    """Write ``directory/meta_step_NNNNNN`` (or ``directory/name``) atomically; keep only the
+    newest ``keep`` meta-step checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{PREFIX}{meta_step:06d}"
+    final = directory / (name or f"{PREFIX}{meta_step:06d}")
     partial = directory / f".partial-{final.name}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()

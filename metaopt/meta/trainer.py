@@ -25,6 +25,7 @@ from metaopt.optimizers import MetaParams
 from metaopt.tasks import make_task, optimizee_seeds
 
 MetricsFn = Callable[[int, dict[str, float]], None]
+BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
 class MetaTrainer:
@@ -38,7 +39,10 @@ class MetaTrainer:
         self.optimizer = config.optimizer.build()
         self.train_family = make_task(config.task, "meta_train", self.device)
         self.heldout_family = make_task(config.task, "meta_test", self.device)
-        self.heldout = self.heldout_family.sample(optimizee_seeds(train.seed, train.eval_runs, "meta_test"))
+        # Validation optimizees: meta-test ones from their own seed stream (1), so choosing the best
+        # checkpoint never sees the optimizees of the final comparison (stream 0).
+        self.heldout = self.heldout_family.sample(
+            optimizee_seeds(train.seed, train.eval_runs, "meta_test", stream=1))
         self.meta_params: MetaParams = {
             k: v.to(self.device).requires_grad_(True) for k, v in self.optimizer.init_meta_params(train.seed).items()
         }
@@ -50,6 +54,7 @@ class MetaTrainer:
         )
         self.meta_step = 0
         self.skipped = 0
+        self.best_heldout = math.inf
         self.history: list[dict[str, float]] = []
 
     @property
@@ -88,15 +93,26 @@ class MetaTrainer:
                                 self.config.train.episode_length)
         return mean_final_loss(losses)
 
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoint_dir / BEST
+
     def train(self, show_progress: bool = True, on_metrics: MetricsFn | None = None) -> Path:
-        """Meta-train until ``train.meta_steps``; return the final checkpoint."""
+        """Meta-train until ``train.meta_steps``; return the final checkpoint (``best_checkpoint``
+        holds the one with the lowest validation loss)."""
         train = self.config.train
+        if self.meta_step == 0:  # the initialisation competes for best too
+            self.best_heldout = self.heldout_loss()
+            self.save(name=BEST)
         bar = tqdm(total=train.meta_steps, initial=self.meta_step, desc="meta-train", unit="meta-step",
                    disable=not show_progress)
         while self.meta_step < train.meta_steps:
             metrics = self.meta_gradient_step()
             if self.meta_step % train.eval_every == 0 or self.meta_step == train.meta_steps:
                 metrics["heldout_loss"] = self.heldout_loss()
+                if metrics["heldout_loss"] < self.best_heldout:
+                    self.best_heldout = metrics["heldout_loss"]
+                    self.save(name=BEST)
             self.history.append({"meta_step": self.meta_step, **metrics})
             if on_metrics:
                 on_metrics(self.meta_step, metrics)
@@ -109,7 +125,7 @@ class MetaTrainer:
         bar.close()
         return list_checkpoints(self.checkpoint_dir)[-1]
 
-    def save(self) -> Path:
+    def save(self, name: str | None = None) -> Path:
         """Checkpoint everything needed to continue exactly, and the metrics so far."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(self.history).to_parquet(self.run_dir / "metrics.parquet", index=False)
@@ -118,11 +134,13 @@ class MetaTrainer:
             trainer_state={
                 "meta_step": self.meta_step,
                 "skipped": self.skipped,
+                "best_heldout": self.best_heldout,
                 "meta_optimizer": self.meta_optimizer.state_dict(),
                 "estimator": self.estimator.state_dict(),
             },
             extra_spec={"task": self.config.task.model_dump(), "train": self.config.train.model_dump()},
             keep=self.config.train.keep_checkpoints,
+            name=name,
         )
 
     def resume(self, checkpoint: Path) -> None:
@@ -147,6 +165,7 @@ class MetaTrainer:
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.estimator.load_state_dict(_to_device(state["estimator"], self.device))
         self.meta_step, self.skipped = int(state["meta_step"]), int(state["skipped"])
+        self.best_heldout = float(state["best_heldout"])
         metrics_file = self.run_dir / "metrics.parquet"
         if metrics_file.exists():
             self.history = [r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step]
