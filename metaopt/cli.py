@@ -26,8 +26,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from metaopt.evaluate import Candidate, candidate_for, compare, default_output_dir
-    from metaopt.evaluate.report import write_report
+    from metaopt.evaluate import Candidate, default_output_dir, run_evaluation
     from metaopt.meta import MetaTrainer, load_checkpoint
 
     config = load_config(args.config, args.set)
@@ -49,20 +48,16 @@ def _train(args: argparse.Namespace) -> int:
     _, best_params, best_spec = load_checkpoint(trainer.best_checkpoint)
     print(f"best checkpoint: {trainer.best_checkpoint} (meta-step {best_spec['meta_step']}, "
           f"validation loss {trainer.best_heldout:.4g})")
-    evaluation = config.evaluate
     learned = config.optimizer.kind
-    candidates = [
-        Candidate(learned, lambda lr: trainer.optimizer, meta_params={k: v.to(trainer.device) for k, v in best_params.items()}),
+    on_device = lambda params: {k: v.to(trainer.device) for k, v in params.items()}  # noqa: E731
+    leading = [
+        Candidate(learned, lambda lr: trainer.optimizer, meta_params=on_device(best_params)),
         Candidate(f"{learned} (untrained)", lambda lr: trainer.optimizer,
-                  meta_params={k: v.to(trainer.device) for k, v in trainer.optimizer.init_meta_params(config.train.seed).items()}),
-        *(candidate_for(o, trainer.device) for o in evaluation.optimizers),
+                  meta_params=on_device(trainer.optimizer.init_meta_params(config.train.seed))),
     ]
-    results = compare(candidates, trainer.heldout_family, evaluation.steps, evaluation.runs, evaluation.seed,
-                      tuning_family=trainer.train_family, sweep_runs=evaluation.sweep_runs,
-                      show_progress=not args.no_progress)
     title = (f"{config.task.kind}: {learned} (best of {trainer.meta_step} meta-steps) vs hand-designed, "
-             f"{evaluation.runs} held-out runs")
-    table = write_report(results, run_dir / "evaluation", title)
+             f"{config.evaluate.runs} held-out runs")
+    _, table = run_evaluation(config, run_dir / "evaluation", not args.no_progress, leading, title)
     print(table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -28,12 +29,19 @@ def candidate_for(optimizer: OptimizerConfig, device: torch.device) -> Candidate
     return Candidate(optimizer.name, lambda lr: learned, meta_params={k: v.to(device) for k, v in meta_params.items()})
 
 
-def run_evaluation(config: Config, output_dir: Path, show_progress: bool = True) -> tuple[list[Result], str]:
-    """Evaluate every configured optimizer; write the report to ``output_dir`` and return the table."""
+def run_evaluation(
+    config: Config,
+    output_dir: Path,
+    show_progress: bool = True,
+    leading: Sequence[Candidate] = (),
+    title: str | None = None,
+) -> tuple[list[Result], str]:
+    """Evaluate ``leading`` candidates and every configured optimizer; write the report to
+    ``output_dir`` and return the table."""
     config.require("evaluate")
     device = resolve_device(config.device)
     evaluation = config.evaluate
-    candidates = [candidate_for(o, device) for o in evaluation.optimizers]
+    candidates = [*leading, *(candidate_for(o, device) for o in evaluation.optimizers)]
     needs_tuning = any(c.lr_sweep for c in candidates)
     results = compare(
         candidates,
@@ -45,7 +53,7 @@ def run_evaluation(config: Config, output_dir: Path, show_progress: bool = True)
         sweep_runs=evaluation.sweep_runs,
         show_progress=show_progress,
     )
-    title = f"{config.task.kind}: loss after {evaluation.steps} steps over {evaluation.runs} held-out runs"
+    title = title or f"{config.task.kind}: loss after {evaluation.steps} steps over {evaluation.runs} held-out runs"
     table = write_report(results, output_dir, title)
     return results, table
 

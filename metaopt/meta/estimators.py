@@ -6,8 +6,8 @@ meta-gradient for the current meta-parameters:
 - ``TruncatedBackprop``: backpropagation through the unroll, first-order (default) or full.
 - ``AntitheticES``: antithetic evolution strategies; needs only losses. Every particle carries
   its own optimizees, and each truncation draws fresh perturbations (truncated ES).
-- ``PES`` (Vicol et al. 2021): the same particles, but the perturbations accumulate over the
-  truncations of an episode, which removes truncated ES's bias.
+- ``AntitheticES(persistent=True)`` is PES (Vicol et al. 2021): the same particles, but the
+  perturbations accumulate over the truncations of an episode, which removes truncated ES's bias.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Estimator:
             "step": s.step,
             "seeds": s.optimizees.seeds,
             "params": s.params.detach(),
-            "data": {k: v for k, v in s.optimizees.data.items()},
+            "data": dict(s.optimizees.data),
             "opt_state": {k: v.detach() for k, v in s.opt_state.items()},
         }
 
