@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from metaopt import __version__
-from metaopt.config import ConfigError, load_config
+from metaopt.config import ConfigError, DistributedConfig, load_config
 from metaopt.meta.checkpoint import CheckpointError
 from metaopt.tasks import DataNotFoundError
 
@@ -31,18 +32,24 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     config.require("optimizer", "train", "evaluate")
+    if args.address and config.distributed is None:
+        config.distributed = DistributedConfig()
     if args.resume:
         resume = Path(args.resume)
         run_dir = resume.parent.parent if (resume / "spec.json").exists() else resume
     else:
         run_dir = Path(args.output) if args.output else default_output_dir(config, Path(args.config).stem, "train")
-    trainer = MetaTrainer(config, run_dir)
-    if args.resume:
-        trainer.resume(Path(args.resume))
-        print(f"metaopt train: resuming {run_dir} at meta-step {trainer.meta_step}")
-    print(f"metaopt train: {config.optimizer.kind} ({trainer.optimizer.num_meta_params()} meta-parameters) "
-          f"on {config.task.kind}; writing to {run_dir}")
-    checkpoint = trainer.train(show_progress=not args.no_progress)
+    with _gradient_source(config, args.address) as source:
+        trainer = MetaTrainer(config, run_dir, gradient_source=source)
+        if args.resume:
+            trainer.resume(Path(args.resume))
+            print(f"metaopt train: resuming {run_dir} at meta-step {trainer.meta_step}")
+        where = (f"on Ray with {config.distributed.workers} {config.distributed.mode} worker(s)"
+                 if source else "in this process")
+        print(f"metaopt train: {config.optimizer.kind} ({trainer.optimizer.num_meta_params()} meta-parameters) "
+              f"on {config.task.kind} {where}; writing to {run_dir}")
+        checkpoint = trainer.train(show_progress=not args.no_progress,
+                                   on_metrics=_print_validation if args.no_progress else None)
     print(f"final checkpoint: {checkpoint}")
 
     _, best_params, best_spec = load_checkpoint(trainer.best_checkpoint)
@@ -61,6 +68,22 @@ def _train(args: argparse.Namespace) -> int:
     print(table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
     return 0
+
+
+def _print_validation(meta_step: int, metrics: dict[str, float]) -> None:
+    """Without a progress bar (e.g. in a Ray job's log), a line per validation."""
+    if "heldout_loss" in metrics:
+        print(f"meta-step {meta_step}: meta-loss {metrics['meta_loss']:.4g}, validation loss "
+              f"{metrics['heldout_loss']:.4g}, {metrics['optimizee_steps_per_s']:.0f} optimizee steps/s", flush=True)
+
+
+def _gradient_source(config, address: str | None):
+    """Ray RolloutWorkers when the config has a ``distributed`` section, else the in-process estimator."""
+    if config.distributed is None:
+        return contextlib.nullcontext(None)
+    from metaopt.distributed import ray_workers
+
+    return ray_workers(config, address)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(train)
     train.add_argument("--resume", metavar="PATH", help="continue a run folder (its latest checkpoint) or a checkpoint folder")
+    train.add_argument("--address", metavar="ADDRESS",
+                       help="Ray cluster to meta-train on (default: distributed.address, RAY_ADDRESS, a running "
+                       "`ray start` cluster, else a local Ray); implies a distributed section")
     train.set_defaults(handler=_train)
     return parser
 
@@ -101,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataNotFoundError, CheckpointError) as error:
+    except (ConfigError, DataNotFoundError, CheckpointError, ConnectionError) as error:
         print(f"metaopt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -173,6 +173,28 @@ class TrainConfig(StrictModel):
         return self
 
 
+class DistributedConfig(StrictModel):
+    """Meta-training on a Ray cluster: ``workers`` RolloutWorker actors share each meta-step's optimizees."""
+
+    workers: int = Field(2, ge=1, description="RolloutWorker actors; train.batch_size is split evenly among them")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch threads)")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per worker; a fraction such as 0.25 lets workers share a GPU; "
+        "auto: an equal share of the cluster's GPUs (at most 1), 0 without GPUs")
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(2, ge=0, description="async: gradients more meta-steps old than this are dropped")
+    max_restarts: int = Field(3, ge=-1, description="restarts of a dead worker (-1: unlimited)")
+    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, a running "
+                                "`ray start` cluster, or a local Ray started for this run")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _non_negative(cls, num_gpus: float | str) -> float | str:
+        if num_gpus != "auto" and num_gpus < 0:
+            raise ValueError("num_gpus must be >= 0 or auto")
+        return num_gpus
+
+
 class EvaluateConfig(StrictModel):
     """Optimizers run side by side on held-out optimizees."""
 
@@ -200,7 +222,16 @@ class Config(StrictModel):
     evaluate: EvaluateConfig | None = None
     optimizer: LearnedOptimizerConfig | None = None
     train: TrainConfig | None = None
+    distributed: DistributedConfig | None = None
     device: str = "auto"
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> Config:
+        if self.distributed and self.train and self.train.batch_size % self.distributed.workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
+                f"({self.distributed.workers}) so every worker gets an equal share of the optimizees")
+        return self
 
     def require(self, *sections: str) -> None:
         """Raise ``ConfigError`` unless every named section is present."""

@@ -12,8 +12,8 @@ meta-gradient for the current meta-parameters:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -32,6 +32,19 @@ class Estimate:
     grads: MetaParams
     meta_loss: float  # mean optimizee loss over the truncation's steps
     optimizee_steps: int  # optimizee steps taken (optimizees × steps)
+    stats: dict[str, float] = field(default_factory=dict)  # extra metrics (e.g. from Ray workers)
+
+
+class GradientSource(Protocol):
+    """What the meta-trainer needs from an estimator: an ``Estimator`` here, Ray workers elsewhere."""
+
+    def estimate(self, meta_params: MetaParams) -> Estimate: ...
+
+    def reset_episode(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, saved: dict) -> None: ...
 
 
 class Estimator:

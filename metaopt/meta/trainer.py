@@ -1,7 +1,8 @@
 """Single-process meta-training: estimate a meta-gradient, clip it, take an Adam meta-step.
 
 The whole loop reads top to bottom in ``MetaTrainer.train``. Nothing here imports Ray or MLflow;
-``on_metrics`` is how a caller (the CLI, a Ray learner, a tracker) sees progress.
+``on_metrics`` is how a caller (the CLI, a tracker) sees progress, and the gradient source is
+pluggable: the Ray learner is this same loop with RolloutWorker actors as its gradient source.
 """
 
 from __future__ import annotations
@@ -20,24 +21,42 @@ from metaopt.evaluate.harness import mean_final_loss, rollout_losses
 from metaopt.meta.checkpoint import (
     CheckpointError, list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint,
 )
-from metaopt.meta.estimators import make_estimator
-from metaopt.optimizers import MetaParams
-from metaopt.tasks import make_task, optimizee_seeds
+from metaopt.meta.estimators import Estimator, GradientSource, make_estimator
+from metaopt.optimizers import MetaParams, Optimizer
+from metaopt.tasks import TaskFamily, make_task, optimizee_seeds
 
 MetricsFn = Callable[[int, dict[str, float]], None]
 BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
-class MetaTrainer:
-    """Meta-trains ``config.optimizer`` on ``config.task`` as ``config.train`` says."""
+def share_estimator(config: Config, family: TaskFamily, optimizer: Optimizer, worker: int = 0,
+                    workers: int = 1) -> Estimator:
+    """The estimator of worker ``worker`` of ``workers``: its equal, contiguous share of every
+    episode's ``train.batch_size`` meta-train optimizees (all of them for one worker)."""
+    train = config.train
+    share = train.batch_size // workers
 
-    def __init__(self, config: Config, run_dir: Path):
+    def seeds(episode: int) -> list[int]:
+        every = optimizee_seeds(train.seed, train.batch_size, "meta_train", stream=episode)
+        return every[worker * share:(worker + 1) * share]
+
+    return make_estimator(train.estimator, family, optimizer, seeds=seeds, unroll_length=train.unroll,
+                          episode_length=train.episode_length, seed=train.seed + 7919 * worker)
+
+
+class MetaTrainer:
+    """Meta-trains ``config.optimizer`` on ``config.task`` as ``config.train`` says.
+
+    ``gradient_source`` defaults to an in-process estimator over all of ``train.batch_size``
+    optimizees; ``metaopt.distributed`` passes a group of Ray RolloutWorkers instead.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, gradient_source: GradientSource | None = None):
         config.require("optimizer", "train")
         self.config, self.run_dir = config, Path(run_dir)
         train = config.train
         self.device = resolve_device(config.device)
         self.optimizer = config.optimizer.build()
-        self.train_family = make_task(config.task, "meta_train", self.device)
         self.heldout_family = make_task(config.task, "meta_test", self.device)
         # Validation optimizees: meta-test ones from their own seed stream (1), so choosing the best
         # checkpoint never sees the optimizees of the final comparison (stream 0).
@@ -47,11 +66,8 @@ class MetaTrainer:
             k: v.to(self.device).requires_grad_(True) for k, v in self.optimizer.init_meta_params(train.seed).items()
         }
         self.meta_optimizer = torch.optim.Adam(list(self.meta_params.values()), lr=train.meta_lr)
-        self.estimator = make_estimator(
-            train.estimator, self.train_family, self.optimizer,
-            seeds=lambda episode: optimizee_seeds(train.seed, train.batch_size, "meta_train", stream=episode),
-            unroll_length=train.unroll, episode_length=train.episode_length, seed=train.seed,
-        )
+        self.estimator = gradient_source or share_estimator(
+            config, make_task(config.task, "meta_train", self.device), self.optimizer)
         self.meta_step = 0
         self.skipped = 0
         self.best_heldout = math.inf
@@ -71,7 +87,7 @@ class MetaTrainer:
         if applied:
             scale = min(1.0, self.config.train.grad_clip / (norm + 1e-12)) if self.config.train.grad_clip else 1.0
             for param, grad in zip(self.meta_params.values(), grads):
-                param.grad = grad * scale
+                param.grad = (grad * scale).to(param.device)
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
         else:
@@ -84,6 +100,7 @@ class MetaTrainer:
             "grad_norm": norm,
             "skipped_nonfinite": float(self.skipped),
             "optimizee_steps_per_s": estimate.optimizee_steps / seconds,
+            **estimate.stats,
         }
 
     def heldout_loss(self) -> float:
@@ -163,7 +180,7 @@ class MetaTrainer:
             for name, param in self.meta_params.items():
                 param.copy_(weights[name])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self.estimator.load_state_dict(_to_device(state["estimator"], self.device))
+        self.estimator.load_state_dict(to_device(state["estimator"], self.device))
         self.meta_step, self.skipped = int(state["meta_step"]), int(state["skipped"])
         self.best_heldout = float(state["best_heldout"])
         metrics_file = self.run_dir / "metrics.parquet"
@@ -171,9 +188,9 @@ class MetaTrainer:
             self.history = [r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step]
 
 
-def _to_device(value, device: torch.device):
+def to_device(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device) if value.dtype != torch.uint8 else value  # RNG states stay on CPU
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value

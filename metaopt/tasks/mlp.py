@@ -21,7 +21,8 @@ class MnistMLP(TaskFamily):
     """An MLP on MNIST; every optimizee has its own initialisation and minibatch stream.
 
     ``half`` picks the meta-train or meta-test half of the data: optimizers are meta-trained on
-    the one and judged on the other.
+    the one and judged on the other. ``data`` passes that half as (pixels [N, 784], labels [N])
+    already loaded (Ray workers get it from the object store) instead of reading ``root``.
     """
 
     name = "mnist_mlp"
@@ -36,6 +37,7 @@ class MnistMLP(TaskFamily):
         download: bool = True,
         half: Split = "meta_train",
         device: torch.device | str = "cpu",
+        data: tuple[Tensor, Tensor] | None = None,
     ):
         super().__init__(device)
         self.activation = activation
@@ -46,7 +48,7 @@ class MnistMLP(TaskFamily):
         sizes = [INPUT_SIZE, *self.hidden_sizes, NUM_CLASSES]
         self.layer_shapes = [(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
         self.num_params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in self.layer_shapes)
-        pixels, labels = mnist_half(root, split, download, half)
+        pixels, labels = data if data is not None else mnist_half(root, split, download, half)
         self.pixels, self.labels = pixels.to(self.device), labels.to(self.device)
 
     def sample(self, seeds: Sequence[int]) -> Optimizees:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# A local Ray cluster (one head on 127.0.0.1) to submit metaopt jobs to.
+#
+#   cluster/local.sh [start] [RAY START OPTIONS...]   e.g. cluster/local.sh start --num-cpus=8 --num-gpus=1
+#   cluster/local.sh status
+#   cluster/local.sh stop        stops only the head this script started: the process group of the PID it saved
+#
+# Environment: RAY (the ray command; default `ray` on PATH, else .venv/bin/ray), RAY_PORT (GCS port, 6379),
+# RAY_DASHBOARD_PORT (dashboard and job API, 8265), METAOPT_RAY_DIR (PID file, log and Ray temp dir).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+state=${METAOPT_RAY_DIR:-/tmp/metaopt-ray-$(id -u)}  # short: Ray's socket paths must stay < 108 chars
+pid_file=$state/head.pid
+port=${RAY_PORT:-6379}
+dashboard_port=${RAY_DASHBOARD_PORT:-8265}
+address=http://127.0.0.1:$dashboard_port
+
+ray_command() {
+  if [[ -n ${RAY:-} ]]; then echo "$RAY"
+  elif command -v ray >/dev/null; then echo ray
+  elif [[ -x $root/.venv/bin/ray ]]; then echo "$root/.venv/bin/ray"
+  else echo "ray not found: install this project (pip install .) or set RAY=/path/to/ray" >&2; return 1
+  fi
+}
+
+running() {  # prints the saved PID while that process is still the `ray start --head` this script launched
+  [[ -f $pid_file ]] || return 1
+  local pid args; pid=$(<"$pid_file")
+  [[ $pid =~ ^[0-9]+$ ]] && args=$(ps -o args= -p "$pid" 2>/dev/null) && [[ $args == *"start --head"* ]] && echo "$pid"
+}
+
+# Runs a command as the leader of a new session and process group, keeping its PID (it execs).
+if command -v setsid >/dev/null; then new_session=(setsid)
+else new_session=(perl -MPOSIX -e 'POSIX::setsid() or die "setsid: $!\n"; exec @ARGV or die "exec: $!\n"' --)  # macOS
+fi
+
+alive() { local stat; stat=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $stat != Z* ]]; }
+port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+info() {
+  echo "Ray head: $address (PID $1; log: $state/head.log)"
+  echo "Submit a job from $root:"
+  echo "  export RAY_ADDRESS=$address"
+  echo "  ray job submit --working-dir . -- python jobs/meta_train.py \\"
+  echo "      --config jobs/configs/train_mnist_sigmoid_phnn.yaml --set distributed.workers=2 --set task.data.root=$root/data"
+  echo "Follow / stop a job: ray job logs JOB_ID --follow; ray job stop JOB_ID"
+  echo "Stop the head: $0 stop"
+}
+
+start() {
+  local pid ray
+  if pid=$(running); then info "$pid"; return 0; fi
+  if port_open "$dashboard_port"; then
+    echo "port $dashboard_port is already in use (another Ray?); set RAY_DASHBOARD_PORT" >&2; return 1
+  fi
+  ray=$(ray_command)
+  mkdir -p "$state"
+  # --block keeps `ray start` in the foreground as the parent of GCS, raylet and dashboard; a new session makes
+  # it the leader of its own process group, so `stop` signals exactly these processes.
+  "${new_session[@]}" "$ray" start --head --block --disable-usage-stats --node-ip-address=127.0.0.1 --port="$port" \
+    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" \
+    --temp-dir="$state/tmp" ${@+"$@"} >"$state/head.log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$pid_file"
+  for _ in $(seq 120); do
+    if port_open "$dashboard_port"; then info "$pid"; return 0; fi
+    if ! alive "$pid"; then
+      rm -f "$pid_file"; tail -n 20 "$state/head.log" >&2; echo "ray start failed; see $state/head.log" >&2; return 1
+    fi
+    sleep 1
+  done
+  echo "the dashboard did not come up on port $dashboard_port; stopping" >&2; stop; return 1
+}
+
+stop() {
+  local pid
+  if ! pid=$(running); then rm -f "$pid_file"; echo "no Ray head started by $0 is running"; return 0; fi
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$pid_file"
+  echo "stopped the Ray head (process group $pid)"
+}
+
+case ${1:-start} in
+  start) shift $(($# > 0)); start ${@+"$@"} ;;
+  stop) stop ;;
+  status) if pid=$(running); then info "$pid"; else echo "not running"; exit 1; fi ;;
+  *) echo "usage: $0 [start [RAY START OPTIONS...] | status | stop]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,227 @@
+"""The learner's side of Ray meta-training: RolloutWorker actors as the trainer's gradient source.
+
+The learner is ``metaopt.meta.MetaTrainer`` itself (clip, skip non-finite, Adam meta-step,
+validation, checkpoints); ``WorkerGroup`` replaces its in-process estimator. Each meta-step the
+current meta-parameters are put in the object store once as a flat float32 array and every
+worker reads them from there:
+
+- ``sync``: every worker estimates on its share; the learner averages what comes back. A worker
+  that dies mid-unroll is restarted by Ray (``max_restarts``) and its share is skipped for that
+  meta-step, so the learner never waits on it.
+- ``async``: workers run continuously; each meta-step applies the first gradient to arrive and
+  hands that worker the new meta-parameters. A gradient computed from meta-parameters more than
+  ``max_staleness`` meta-steps old is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from metaopt.config import Config, ConfigError
+from metaopt.distributed.worker import RolloutWorker, flatten, unflatten
+from metaopt.meta.estimators import Estimate
+from metaopt.optimizers import MetaParams
+from metaopt.tasks import task_data
+
+# A worker failing this many meta-steps in a row is given up on (Ray has run out of restarts).
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class WorkerGroup:
+    """``distributed.workers`` RolloutWorker actors behind the ``GradientSource`` interface."""
+
+    def __init__(self, config: Config):
+        config.require("optimizer", "train", "distributed")
+        self.config = config
+        dist = config.distributed
+        num_gpus = self._num_gpus(dist, ray.cluster_resources())
+        data = task_data(config.task, "meta_train")
+        data_ref = ray.put(data) if data is not None else None  # once; Ray copies it to each node once
+        actor = ray.remote(RolloutWorker).options(
+            num_cpus=dist.num_cpus, num_gpus=num_gpus, max_restarts=dist.max_restarts, max_task_retries=0)
+        threads = max(1, int(dist.num_cpus))
+        self.workers = [
+            actor.remote(config.model_dump(), index, dist.workers, data_ref, threads) for index in range(dist.workers)
+        ]
+        self.alive = list(range(dist.workers))
+        self.template = config.optimizer.build().init_meta_params(config.train.seed)
+        self.version = 0  # meta-parameter broadcasts so far
+        self.episodes = [0] * dist.workers  # each worker's latest episode, to continue after a restart
+        self.needs_resync: set[int] = set()
+        self.consecutive_failures = [0] * dist.workers
+        self.last_nonfinite: set[int] = set()
+        self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # async: ref -> (worker, version)
+        self.idle = set(self.alive)
+        self.failures = self.stale_dropped = 0
+        ray.get([w.pid.remote() for w in self.workers])  # constructed (data loaded) before the clock starts
+
+    @staticmethod
+    def _num_gpus(dist, resources: dict) -> float:
+        """GPUs per worker; checks the cluster can host every worker before any is created."""
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        if dist.workers * dist.num_cpus > cpus:
+            raise ConfigError(
+                f"distributed.workers={dist.workers} × num_cpus={dist.num_cpus} needs "
+                f"{dist.workers * dist.num_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower "
+                "distributed.workers or distributed.num_cpus, or add nodes")
+        if dist.num_gpus == "auto":
+            return math.floor(min(1.0, gpus / dist.workers) * 1e4) / 1e4 if gpus else 0.0
+        if dist.num_gpus > 0 and dist.workers * dist.num_gpus > gpus:
+            raise ConfigError(
+                f"distributed.workers={dist.workers} × num_gpus={dist.num_gpus} needs "
+                f"{dist.workers * dist.num_gpus:g} GPUs but the Ray cluster has {gpus:g}; set "
+                "distributed.num_gpus: auto (or 0 on a cluster without GPUs), or a smaller fraction")
+        return float(dist.num_gpus)
+
+    # --- GradientSource -------------------------------------------------------------------------
+
+    def estimate(self, meta_params: MetaParams) -> Estimate:
+        self.version += 1
+        params_ref = ray.put(flatten(meta_params))  # one broadcast per meta-step
+        if self.config.distributed.mode == "sync":
+            results = self._gather_sync(params_ref)
+        else:
+            results = [self._next_async(params_ref)]
+        return self._combine(results)
+
+    def reset_episode(self) -> None:
+        """After a skipped meta-gradient: new episodes for the workers whose estimate was not finite."""
+        for index in self.last_nonfinite or self.alive:
+            self.workers[index].reset_episode.remote()
+
+    def state_dict(self) -> dict:
+        """Every live worker's carried optimizees (None for one that is restarting: it starts afresh)."""
+        states = []
+        for index in self.alive:
+            try:
+                states.append(ray.get(self.workers[index].state_dict.remote()))
+            except RayActorError:
+                self.needs_resync.add(index)
+                states.append(None)
+        return {"workers": states, "alive": list(self.alive)}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if saved.get("alive") != self.alive:
+            warnings.warn(
+                f"the checkpoint's optimizee state is from {len(saved.get('workers', [])) or 'no'} Ray worker(s), "
+                f"this run has {len(self.alive)}: the meta-parameters and meta-optimizer resume exactly, "
+                "the workers start fresh episodes", stacklevel=2)
+            return
+        ray.get([self.workers[i].load_state_dict.remote(state)
+                 for i, state in zip(self.alive, saved["workers"]) if state is not None])
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _submit(self, index: int, params_ref: ray.ObjectRef) -> ray.ObjectRef:
+        worker = self.workers[index]
+        if index in self.needs_resync:  # restarted by Ray: continue with a fresh episode
+            worker.start_episode.remote(self.episodes[index] + 1)
+            self.needs_resync.discard(index)
+        ref = worker.compute.remote(params_ref, self.version)
+        self.in_flight[ref] = (index, self.version)
+        return ref
+
+    def _collect(self, ref: ray.ObjectRef) -> dict | None:
+        """A finished computation's result, or None when its worker died (counted)."""
+        index, _ = self.in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError:
+            self.failures += 1
+            self.consecutive_failures[index] += 1
+            self.needs_resync.add(index)
+            if self.consecutive_failures[index] >= MAX_CONSECUTIVE_FAILURES:
+                self.alive.remove(index)
+                self.idle.discard(index)
+                if not self.alive:
+                    raise RuntimeError(
+                        "every Ray RolloutWorker died and could not be restarted; see the worker logs "
+                        "(ray logs, or the job's log) and raise distributed.max_restarts if they were preempted"
+                    ) from None
+            return None
+        self.consecutive_failures[index] = 0
+        self.episodes[index] = result["episode"]
+        result["worker"] = index
+        return result
+
+    def _gather_sync(self, params_ref: ray.ObjectRef) -> list[dict]:
+        while True:
+            refs = [self._submit(i, params_ref) for i in list(self.alive)]
+            results = [r for r in (self._collect(ref) for ref in refs) if r is not None]
+            if results:  # the shares of workers that died are skipped this meta-step
+                return results
+
+    def _next_async(self, params_ref: ray.ObjectRef) -> dict:
+        while True:
+            for index in sorted(self.idle & set(self.alive)):
+                self._submit(index, params_ref)
+            self.idle.clear()
+            [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
+            index, _ = self.in_flight[ref]
+            result = self._collect(ref)
+            self.idle.add(index)
+            if result is None:
+                continue
+            staleness = self.version - result["version"]
+            if staleness > self.config.distributed.max_staleness:
+                self.stale_dropped += 1
+                continue
+            result["staleness"] = staleness
+            return result
+
+    def _combine(self, results: list[dict]) -> Estimate:
+        """Average equal shares; report throughput, stragglers and faults."""
+        grad = np.mean([r["grad"] for r in results], axis=0)
+        seconds = [r["seconds"] for r in results]
+        self.last_nonfinite = {r["worker"] for r in results if not r["finite"]}
+        stats = {
+            "workers_alive": float(len(self.alive)),
+            "worker_failures": float(self.failures),
+            "worker_steps_per_s": float(np.mean([r["optimizee_steps"] / r["seconds"] for r in results])),
+            "straggler_ratio": max(seconds) / statistics.median(seconds),
+        }
+        if self.config.distributed.mode == "async":
+            stats |= {"stale_dropped": float(self.stale_dropped), "staleness": float(results[0]["staleness"])}
+        return Estimate(
+            grads=unflatten(grad, self.template, next(iter(self.template.values())).device),
+            meta_loss=float(np.mean([r["meta_loss"] for r in results])),
+            optimizee_steps=sum(r["optimizee_steps"] for r in results),
+            stats=stats,
+        )
+
+    def worker_pids(self) -> list[int]:
+        return ray.get([self.workers[i].pid.remote() for i in self.alive])
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers, self.in_flight = [], {}
+
+
+@contextmanager
+def ray_workers(config: Config, address: str | None = None) -> Iterator[WorkerGroup]:
+    """Start the workers, connecting to Ray first unless already connected; stop what this started.
+
+    ``address`` (or ``distributed.address``): a cluster address; without one, ``RAY_ADDRESS``, then
+    a cluster started with ``ray start`` on this machine, else a local Ray for this run.
+    """
+    connect = not ray.is_initialized()
+    if connect:
+        ray.init(address=address or config.distributed.address, logging_level="WARNING")
+    group = None
+    try:
+        group = WorkerGroup(config)
+        yield group
+    finally:
+        if group is not None:
+            group.close()
+        if connect:
+            ray.shutdown()

@@ -1,0 +1,183 @@
+"""Meta-training on a real local Ray cluster (``ray start --head`` on 127.0.0.1, stopped by PID)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.cli import main as metaopt_main
+from metaopt.config import ConfigError, validate_config
+from metaopt.distributed import flatten, ray_workers, unflatten
+from metaopt.meta import MetaTrainer, load_checkpoint
+from metaopt.optimizers import make_optimizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(distributed: dict | None = None, task: dict | None = None, **train):
+    return validate_config({
+        "task": task or {"kind": "quadratic", "dim": 10},
+        "optimizer": {"kind": "phnn"},
+        "train": {"meta_steps": 4, "unroll": 5, "episode_length": 10, "batch_size": 4, "eval_every": 2,
+                  "eval_runs": 4, "checkpoint_every": 2, "estimator": {"second_order": True}, **train},
+        "distributed": {"workers": 1, **(distributed or {})},
+        "device": "cpu",
+    })
+
+
+def train_on_ray(cfg, run_dir, address, on_metrics=None, resume=None) -> MetaTrainer:
+    with ray_workers(cfg, address) as group:
+        trainer = MetaTrainer(cfg, run_dir, gradient_source=group)
+        if resume:
+            trainer.resume(resume)
+        trainer.train(show_progress=False, on_metrics=on_metrics)
+    return trainer
+
+
+def test_flat_round_trip():
+    params = make_optimizer("lstm").init_meta_params(0)
+    flat = flatten(params)
+    assert flat.dtype.name == "float32" and flat.shape == (5301,)
+    for name, value in unflatten(flat, params).items():
+        assert torch.equal(value, params[name])
+    with pytest.raises(ValueError, match="5300 values"):
+        unflatten(flat[:-1], params)
+
+
+def test_one_sync_worker_gives_the_single_process_meta_parameters(ray_cluster, tmp_path):
+    cfg = config(distributed={"num_cpus": 1})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker's thread count, so reductions round the same way
+    try:
+        alone = MetaTrainer(cfg, tmp_path / "alone")
+        alone.train(show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = train_on_ray(cfg, tmp_path / "ray", ray_cluster.address)
+    for name, value in alone.meta_params.items():
+        torch.testing.assert_close(on_ray.meta_params[name], value, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(alone.meta_params["log_h"], make_optimizer("phnn").init_meta_params(0)["log_h"])
+
+
+def test_two_workers_share_mnist_from_the_object_store(ray_cluster, tmp_path, mnist_task):
+    cfg = config(distributed={"workers": 2}, task={**mnist_task, "batch_size": 16}, meta_steps=2, unroll=2,
+                 episode_length=4, batch_size=2, eval_runs=2)
+    trainer = train_on_ray(cfg, tmp_path / "run", ray_cluster.address)
+    last = trainer.history[-1]
+    assert last["workers_alive"] == 2 and last["worker_failures"] == 0 and last["straggler_ratio"] >= 1
+    assert last["optimizee_steps_per_s"] > 0 and torch.isfinite(torch.tensor(last["heldout_loss"]))
+
+
+def test_async_mode_applies_each_gradient_and_drops_stale_ones(ray_cluster, tmp_path):
+    cfg = config(distributed={"workers": 2, "mode": "async", "max_staleness": 0}, meta_steps=6)
+    trainer = train_on_ray(cfg, tmp_path / "run", ray_cluster.address)
+    assert trainer.meta_step == 6
+    # With two workers racing, the second result of every round was computed from older
+    # meta-parameters; a bound of 0 drops it.
+    assert trainer.history[-1]["stale_dropped"] >= 1
+    assert all(row["staleness"] == 0 for row in trainer.history)
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def kill_once_busy(pid: int, busy_ticks: int = 5) -> None:
+    """SIGKILL ``pid`` as soon as it has spent ``busy_ticks`` of CPU time, i.e. mid-computation."""
+    start = cpu_ticks(pid)
+    while cpu_ticks(pid) - start < busy_ticks:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_killed_mid_unroll_is_restarted_and_the_run_finishes(ray_cluster, tmp_path):
+    cfg = config(distributed={"workers": 2, "max_restarts": 2}, task={"kind": "quadratic", "dim": 100},
+                 meta_steps=8, batch_size=64, unroll=10, episode_length=20, checkpoint_every=4)
+    killed = []
+
+    def kill_during_next_step(meta_step: int, metrics: dict) -> None:
+        if meta_step == 3:
+            # A real SIGKILL of worker 0's process once it is busy with meta-step 4's unroll (it
+            # idles between meta-steps, so CPU time only accrues while it computes).
+            threading.Thread(target=kill_once_busy, args=(group_pids[0],), daemon=True).start()
+            killed.append(group_pids[0])
+
+    with ray_workers(cfg, ray_cluster.address) as group:
+        group_pids = group.worker_pids()
+        trainer = MetaTrainer(cfg, tmp_path / "run", gradient_source=group)
+        trainer.train(show_progress=False, on_metrics=kill_during_next_step)
+        restarted_pids = group.worker_pids()
+    assert trainer.meta_step == 8
+    assert trainer.history[-1]["worker_failures"] >= 1
+    assert trainer.history[-1]["workers_alive"] == 2
+    assert restarted_pids[0] != killed[0] and restarted_pids[1] == group_pids[1]
+    assert (tmp_path / "run" / "checkpoints" / "meta_step_000008" / "spec.json").exists()
+
+
+def test_resume_on_ray_continues_exactly(ray_cluster, tmp_path):
+    straight = train_on_ray(config(distributed={"workers": 2}, meta_steps=6), tmp_path / "straight", ray_cluster.address)
+    train_on_ray(config(distributed={"workers": 2}, meta_steps=4), tmp_path / "cut", ray_cluster.address)
+    resumed = train_on_ray(config(distributed={"workers": 2}, meta_steps=6), tmp_path / "cut", ray_cluster.address,
+                           resume=tmp_path / "cut")
+    for name, value in straight.meta_params.items():
+        torch.testing.assert_close(resumed.meta_params[name], value, rtol=0, atol=0)
+
+
+def test_requests_the_cluster_cannot_meet_fail_before_any_worker_starts(ray_cluster, tmp_path):
+    with pytest.raises(ConfigError, match=r"needs 6 CPUs but the Ray cluster has 2"):
+        with ray_workers(config(distributed={"workers": 3, "num_cpus": 2}, batch_size=3), ray_cluster.address):
+            pass
+    with pytest.raises(ConfigError, match=r"num_gpus=0.25 needs 0.25 GPUs but the Ray cluster has 0"):
+        with ray_workers(config(distributed={"num_gpus": 0.25}), ray_cluster.address):
+            pass
+
+
+def test_batch_must_split_evenly_across_workers():
+    with pytest.raises(ConfigError, match=r"train.batch_size \(4\) must be a multiple of distributed.workers \(3\)"):
+        config(distributed={"workers": 3})
+
+
+def test_metaopt_train_cli_on_ray(ray_cluster, tmp_path, capsys):
+    code = metaopt_main([
+        "train", str(REPO_ROOT / "jobs/configs/train_quadratic_phnn.yaml"), "--no-progress", "--address",
+        ray_cluster.address, "--output", str(tmp_path / "run"), "--set", "train.meta_steps=2",
+        "--set", "train.eval_every=1", "--set", "distributed.workers=2", "--set", "evaluate.runs=5",
+        "--set", "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "on Ray with 2 sync worker(s)" in out and "meta-step 2: meta-loss" in out
+    _, weights, spec = load_checkpoint(tmp_path / "run" / "checkpoints" / "meta_step_000002")
+    assert spec["kind"] == "phnn" and spec["meta_step"] == 2
+
+
+def test_ray_job_submission_meta_trains_and_checkpoints(ray_cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    output = tmp_path / "job-run"
+    job_id = client.submit_job(
+        entrypoint=(
+            "python jobs/meta_train.py --config jobs/configs/train_quadratic_phnn.yaml "
+            f"--output {output} --set train.meta_steps=3 --set train.eval_every=3 --set distributed.workers=2 "
+            "--set evaluate.runs=5 --set 'evaluate.optimizers=[{kind: adam, lr: 0.1}]'"
+        ),
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".tools", ".git", "runs", "mlruns"]},
+    )
+    deadline = time.monotonic() + 300
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs
+    assert "on Ray with 2 sync worker(s)" in logs and "meta-step 3: meta-loss" in logs
+    _, _, spec = load_checkpoint(output / "checkpoints" / "meta_step_000003")
+    assert spec["meta_step"] == 3 and spec["kind"] == "phnn"
