@@ -7,6 +7,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+import yaml
+
 from metaopt import __version__
 from metaopt.config import ConfigError, DistributedConfig, load_config
 from metaopt.meta.checkpoint import CheckpointError
@@ -34,6 +36,12 @@ def _train(args: argparse.Namespace) -> int:
     config.require("optimizer", "train", "evaluate")
     if args.address and config.distributed is None:
         config.distributed = DistributedConfig()
+    if args.tracking_uri:
+        config.tracking.uri = args.tracking_uri
+    if args.register:
+        config.tracking.register_as = args.register
+    if args.no_tracking:
+        config.tracking.enabled = False
     if args.resume:
         resume = Path(args.resume)
         run_dir = resume.parent.parent if (resume / "spec.json").exists() else resume
@@ -48,8 +56,14 @@ def _train(args: argparse.Namespace) -> int:
                  if source else "in this process")
         print(f"metaopt train: {config.optimizer.kind} ({trainer.optimizer.num_meta_params()} meta-parameters) "
               f"on {config.task.kind} {where}; writing to {run_dir}")
-        checkpoint = trainer.train(show_progress=not args.no_progress,
-                                   on_metrics=_print_validation if args.no_progress else None)
+        tracker = _start_tracking(config, run_dir)
+        try:
+            checkpoint = trainer.train(show_progress=not args.no_progress,
+                                       on_metrics=_metrics_sink(tracker, print_validation=args.no_progress))
+        except BaseException:
+            if tracker:
+                tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+            raise
     print(f"final checkpoint: {checkpoint}")
 
     _, best_params, best_spec = load_checkpoint(trainer.best_checkpoint)
@@ -67,6 +81,109 @@ def _train(args: argparse.Namespace) -> int:
     _, table = run_evaluation(config, run_dir / "evaluation", not args.no_progress, leading, title)
     print(table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
+    if tracker:
+        _finish_tracking(tracker, config, run_dir, trainer, checkpoint)
+    return 0
+
+
+def _start_tracking(config, run_dir: Path):
+    """The run's MLflow tracker (config as flattened params), or None with tracking disabled."""
+    if not config.tracking.enabled:
+        return None
+    from metaopt.tracking import RunTracker
+    from metaopt.tracking.tracker import flatten
+
+    tracker = RunTracker(run_dir, config.tracking.uri, experiment=config.tracking.experiment)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tracker.log_params(flatten(config.model_dump(mode="json")))
+    tracker.set_tags({"metaopt.task": config.task.kind, "metaopt.optimizer": config.optimizer.kind})
+    return tracker
+
+
+def _metrics_sink(tracker, print_validation: bool):
+    def sink(meta_step: int, metrics: dict[str, float]) -> None:
+        if tracker:
+            tracker.log_metrics(meta_step, metrics)
+        if print_validation:
+            _print_validation(meta_step, metrics)
+    return sink
+
+
+def _finish_tracking(tracker, config, run_dir: Path, trainer, checkpoint: Path) -> None:
+    """Checkpoints, metrics and the evaluation as artifacts; register the best optimizer if asked."""
+    tracker.log_artifacts(trainer.best_checkpoint, "checkpoints/best")
+    tracker.log_artifacts(checkpoint, f"checkpoints/{checkpoint.name}")
+    tracker.log_artifacts(run_dir / "evaluation", "evaluation")
+    for name in ("metrics.parquet", "config.yaml"):
+        tracker.log_artifacts_file(run_dir / name)
+    tracker.finish()
+    uri = tracker.tracking_uri
+    if tracker.buffered:
+        print(f"MLflow at {uri} was unreachable: {tracker.buffered} write(s) wait in {run_dir}; "
+              f"deliver them with `metaopt sync {run_dir}`")
+        return
+    print(f"MLflow run {tracker.run_id} at {uri}; open it with: mlflow ui --backend-store-uri {uri}")
+    if config.tracking.register_as:
+        from metaopt.tracking.registry import register_run
+
+        name, alias = config.tracking.register_as, config.tracking.alias
+        version = register_run(tracker.run_id, name, alias, tracking_uri=uri, task=config.task.kind,
+                               heldout_loss=trainer.best_heldout, run_dir=run_dir)
+        print(f"registered {name} version {version} (models:/{name}@{alias}); train your own model with it:\n"
+              f"  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', model.parameters())"
+              + ("" if uri == _default_uri() else f"  # with MLFLOW_TRACKING_URI={uri}"))
+
+
+def _default_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from metaopt.tracking import RunTracker
+    from metaopt.tracking.tracker import BUFFER
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / BUFFER).exists():
+        print(f"metaopt sync: nothing to deliver: {run_dir} has no {BUFFER}")
+        return 0
+    tracker = RunTracker(run_dir, args.tracking_uri, start=False)
+    left = tracker.sync()
+    if left:
+        print(f"metaopt sync: {tracker.tracking_uri} is still unreachable; {left} write(s) wait in {run_dir / BUFFER}",
+              file=sys.stderr)
+        return 1
+    print(f"metaopt sync: delivered to run {tracker.run_id} at {tracker.tracking_uri}")
+    return 0
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from metaopt.tracking import registry
+
+    uri = args.tracking_uri
+    if args.action == "register":
+        version = registry.register_run(args.run_id, args.name, args.alias, tracking_uri=uri)
+        print(f"registered {args.name} version {version}" + (f" as @{args.alias}" if args.alias else ""))
+    elif args.action == "list":
+        rows = registry.list_models(uri)
+        print("| name | versions | latest | aliases |\n|---|---|---|---|")
+        for row in rows:
+            aliases = ", ".join(f"@{a} → {v}" for a, v in sorted(row["aliases"].items()))
+            print(f"| {row['name']} | {row['versions']} | {row['latest_version']} | {aliases} |")
+    elif args.action == "show":
+        print("| version | aliases | task | heldout_loss | run |\n|---|---|---|---|---|")
+        for row in registry.show_model(args.name, uri):
+            tags = row["tags"]
+            print(f"| {row['version']} | {', '.join('@' + a for a in row['aliases'])} | {tags.get('task', '')} | "
+                  f"{tags.get('heldout_loss', '')} | {row['run_id']} |")
+    elif args.action == "promote":
+        registry.promote(args.name, args.version, args.alias, uri)
+        print(f"{args.name}@{args.alias} → version {args.version}")
+    elif args.action == "pull":
+        source = args.source if ":/" in args.source else f"models:/{args.source}"
+        folder = registry.pull(source, Path(args.directory), uri)
+        print(f"pulled {source} into {folder}; load it with metaopt.load_optimizer({str(folder)!r}, model.parameters())")
     return 0
 
 
@@ -119,7 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", metavar="ADDRESS",
                        help="Ray cluster to meta-train on (default: distributed.address, RAY_ADDRESS, a running "
                        "`ray start` cluster, else a local Ray); implies a distributed section")
+    train.add_argument("--tracking-uri", metavar="URI",
+                       help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    train.add_argument("--register", metavar="NAME", help="register the best optimizer as MLflow model NAME")
+    train.add_argument("--no-tracking", action="store_true", help="do not track the run in MLflow")
     train.set_defaults(handler=_train)
+
+    sync = commands.add_parser(
+        "sync", help="deliver a run's MLflow writes buffered while the tracking server was unreachable",
+        description="Replay RUN_DIR/mlflow_buffer.jsonl to the run's tracking server.")
+    sync.add_argument("run_dir", metavar="RUN_DIR")
+    sync.add_argument("--tracking-uri", metavar="URI", help="deliver to this server instead of the run's own")
+    sync.set_defaults(handler=_sync)
+
+    registry = commands.add_parser(
+        "registry", help="register, list, show, promote and pull trained optimizers (MLflow Model Registry)",
+        description="The MLflow Model Registry of trained optimizers; aliases, not stages.")
+    registry.add_argument("--tracking-uri", metavar="URI", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    register = actions.add_parser("register", help="register a meta-training run's best optimizer")
+    register.add_argument("run_id", metavar="RUN_ID")
+    register.add_argument("name", metavar="NAME")
+    register.add_argument("--alias", help="alias for the new version, e.g. candidate")
+    actions.add_parser("list", help="registered optimizers with their aliases")
+    show = actions.add_parser("show", help="every version of NAME: aliases, tags, source run")
+    show.add_argument("name", metavar="NAME")
+    promote = actions.add_parser("promote", help="point ALIAS of NAME at VERSION")
+    promote.add_argument("name", metavar="NAME")
+    promote.add_argument("version", metavar="VERSION", type=int)
+    promote.add_argument("alias", metavar="ALIAS")
+    pull = actions.add_parser("pull", help="download an optimizer (weights + spec) into DIR")
+    pull.add_argument("source", metavar="NAME@ALIAS|NAME/VERSION|models:/...|runs:/...")
+    pull.add_argument("directory", metavar="DIR")
+    registry.set_defaults(handler=_registry)
     return parser
 
 
@@ -127,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataNotFoundError, CheckpointError, ConnectionError) as error:
+    except (ConfigError, DataNotFoundError, CheckpointError, ConnectionError, LookupError) as error:
         print(f"metaopt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

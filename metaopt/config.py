@@ -195,6 +195,18 @@ class DistributedConfig(StrictModel):
         return num_gpus
 
 
+class TrackingConfig(StrictModel):
+    """MLflow tracking of ``metaopt train`` (by the driver only) and registration of its optimizer."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="tracking URI; default MLFLOW_TRACKING_URI, else MLflow's "
+                            "local default (sqlite:///mlflow.db, artifacts in ./mlruns)")
+    experiment: str = "metaopt"
+    register_as: str | None = Field(None, description="register the best optimizer under this model name")
+    alias: str = Field("latest", description="alias of the registered version (latest: MLflow's reserved "
+                       "alias for the newest version)")
+
+
 class EvaluateConfig(StrictModel):
     """Optimizers run side by side on held-out optimizees."""
 
@@ -223,6 +235,7 @@ class Config(StrictModel):
     optimizer: LearnedOptimizerConfig | None = None
     train: TrainConfig | None = None
     distributed: DistributedConfig | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: str = "auto"
 
     @model_validator(mode="after")

@@ -69,6 +69,10 @@ def ray_cluster() -> RayCluster:
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={_free_port()}",
     ]
+    # Token authentication off for this loopback-only cluster and its clients (this process, jobs):
+    # once a local `ray.init()` has saved ~/.ray/auth_token, Ray would otherwise turn it on.
+    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = open(temp_dir.with_suffix(".log"), "w")
@@ -86,6 +90,10 @@ def ray_cluster() -> RayCluster:
         _stop_group(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if previous_auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth_mode
 
 
 def _answers(url: str) -> bool:
@@ -110,3 +118,41 @@ def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     except ProcessLookupError:
         pass
     process.wait()
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store, started and stopped by PID."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
+        ]
+        log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not _answers(f"{self.uri}/health"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server failed to start; see {self.root / 'server.log'}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop_group(self.process, grace=5.0)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """One MLflow tracking server (SQLite store, served artifacts) for the session."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()

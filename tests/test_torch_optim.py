@@ -1,0 +1,106 @@
+"""LearnedOptimizer: a metaopt optimizer stepping a real torch model like any torch.optim optimizer."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from metaopt.optimizers import make_optimizer
+from metaopt.optimizers.torch_optim import LearnedOptimizer
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    return model, x, y
+
+
+def train(model, optimizer, x, y, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def phnn_optimizer(params, lr: float = 1.0, **options):
+    phnn = make_optimizer("phnn", init_lr=0.1, init_momentum=0.9, **options)
+    return LearnedOptimizer(params, phnn, phnn.init_meta_params(0), lr=lr)
+
+
+def test_untrained_phnn_steps_a_model_exactly_like_torch_sgd_with_momentum():
+    model, x, y = model_and_data()
+    reference = copy.deepcopy(model)
+    learned_losses = train(model, phnn_optimizer(model.parameters()), x, y, steps=30)
+    sgd_losses = train(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), x, y, steps=30)
+    torch.testing.assert_close(learned_losses, sgd_losses, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert learned_losses[-1] < 0.85 * learned_losses[0]
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    model, x, y = model_and_data()
+    straight = copy.deepcopy(model)
+    optimizer = phnn_optimizer(model.parameters())
+    train(model, optimizer, x, y, steps=5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed_model, _, _ = model_and_data(seed=1)  # different weights, overwritten by the checkpoint
+    resumed_model.load_state_dict(saved["model"])
+    resumed = phnn_optimizer(resumed_model.parameters())
+    resumed.load_state_dict(saved["optimizer"])
+    resumed_losses = train(resumed_model, resumed, x, y, steps=5)
+
+    straight_losses = train(straight, phnn_optimizer(straight.parameters()), x, y, steps=10)[5:]
+    assert resumed_losses == straight_losses
+    assert all(int(s["step"]) == 10 for s in resumed.state_dict()["state"].values())
+
+
+def test_param_groups_scale_updates_by_their_lr():
+    model, x, y = model_and_data()
+    first, second = model[0], model[2]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = phnn_optimizer([{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.5}])
+    train(model, optimizer, x, y, steps=1)
+    reference, _, _ = model_and_data()
+    train(reference, phnn_optimizer(reference.parameters()), x, y, steps=1)
+    for p, q, b in zip(first.parameters(), reference[0].parameters(), before[:2]):
+        torch.testing.assert_close(p - b, q - b)
+    for p, q, b in zip(second.parameters(), reference[2].parameters(), before[2:]):
+        torch.testing.assert_close(p - b, 0.5 * (q - b))
+
+
+def test_a_scheduler_drives_the_lr_multiplier():
+    model, x, y = model_and_data()
+    optimizer = phnn_optimizer(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    train(model, optimizer, x, y, steps=1)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["lstm", "hnn_seed", "mlp"])
+def test_every_learned_kind_steps_a_model(kind):
+    model, x, y = model_and_data()
+    learned = make_optimizer(kind)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, LearnedOptimizer(model.parameters(), learned, learned.init_meta_params(0)), x, y, steps=3)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_bad_lr_is_rejected():
+    model, _, _ = model_and_data()
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        phnn_optimizer(model.parameters(), lr=0.0)
