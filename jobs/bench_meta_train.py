@@ -7,8 +7,10 @@ step (no validation, no checkpoints). Prints a table and writes JSON:
     uv run python jobs/bench_meta_train.py [--config jobs/configs/train_quadratic_phnn.yaml]
         [--workers 1 2 4] [--meta-steps 30] [--address ADDRESS] [--output runs/bench/meta_train.json]
 
-Without ``--address`` it starts a local Ray with all of this machine's CPUs; each worker gets an
-equal share of them (``distributed.num_cpus`` = CPUs / workers, at least one torch thread).
+Without ``--address`` it starts a local Ray with all of this machine's CPUs. Each worker reserves
+``--cpus-per-worker`` CPUs (default 1, one torch thread), or an equal share when more workers than
+that fit; the single process uses every core. ``ray overhead`` is the share of a sync meta-step the
+learner spends on anything but the slowest worker's unroll (broadcast, scheduling, gathering).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +36,19 @@ from metaopt.meta import MetaTrainer
 
 def time_meta_steps(trainer: MetaTrainer, meta_steps: int, label: str) -> dict:
     trainer.meta_gradient_step()  # warm-up: first episode's sampling, worker start-up
+    overheads = []
     started = time.perf_counter()
     for _ in tqdm(range(meta_steps), desc=label, unit="meta-step", leave=False):
-        trainer.meta_gradient_step()
+        overheads.append(trainer.meta_gradient_step().get("ray_overhead_fraction", float("nan")))
     seconds = time.perf_counter() - started
     optimizee_steps = meta_steps * trainer.config.train.unroll * trainer.config.train.batch_size
     return {"setting": label, "meta_steps_per_s": meta_steps / seconds,
-            "optimizee_steps_per_s": optimizee_steps / seconds, "seconds": seconds}
+            "optimizee_steps_per_s": optimizee_steps / seconds, "seconds": seconds,
+            "ray_overhead_fraction": statistics.fmean(overheads)}
+
+
+def _percent(fraction: float) -> str:
+    return "—" if fraction != fraction else f"{fraction:.1%}"  # NaN: no Ray round trip to measure
 
 
 def main() -> None:
@@ -49,6 +58,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--meta-steps", type=int, default=30)
     parser.add_argument("--address", help="Ray cluster (default: a local Ray on this machine)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--output", default="runs/bench/meta_train.json")
     args = parser.parse_args()
 
@@ -63,8 +73,9 @@ def main() -> None:
         single.distributed = None
         rows.append(time_meta_steps(MetaTrainer(single, scratch), args.meta_steps, "single process"))
         for workers in args.workers:
+            num_cpus = min(args.cpus_per_worker, cpus / workers)
             config = load_config(args.config, args.set + [f"distributed.workers={workers}",
-                                                          f"distributed.num_cpus={cpus / workers:g}"])
+                                                          f"distributed.num_cpus={num_cpus:g}"])
             with ray_workers(config) as group:
                 trainer = MetaTrainer(config, scratch, gradient_source=group)
                 rows.append(time_meta_steps(trainer, args.meta_steps, f"ray, {workers} worker(s)"))
@@ -73,15 +84,19 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     reference = rows[0]["optimizee_steps_per_s"]
+    one_worker = next((r["optimizee_steps_per_s"] for r in rows if r["setting"] == "ray, 1 worker(s)"), None)
     for row in rows:
         row["speedup_vs_single_process"] = row["optimizee_steps_per_s"] / reference
+        row["speedup_vs_one_worker"] = row["optimizee_steps_per_s"] / one_worker if one_worker else float("nan")
     train = base.train
     header = (f"{base.optimizer.kind} on {base.task.kind}, batch {train.batch_size}, unroll {train.unroll}, "
               f"estimator {train.estimator.kind}{' (second order)' if train.estimator.second_order else ''}; "
               f"{args.meta_steps} meta-steps; {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
-    lines = [header, "", "| setting | optimizee steps/s | meta-steps/s | vs single process |", "|---|---|---|---|"]
+    lines = [header, "", "| setting | optimizee steps/s | meta-steps/s | vs single process | vs 1 worker | ray overhead |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['optimizee_steps_per_s']:.0f} | {r['meta_steps_per_s']:.2f} | "
-              f"{r['speedup_vs_single_process']:.2f}× |" for r in rows]
+              f"{r['speedup_vs_single_process']:.2f}× | {r['speedup_vs_one_worker']:.2f}× | "
+              f"{_percent(r['ray_overhead_fraction'])} |" for r in rows]
     print("\n".join(lines))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ def test_two_workers_share_mnist_from_the_object_store(ray_cluster, tmp_path, mn
     last = trainer.history[-1]
     assert last["workers_alive"] == 2 and last["worker_failures"] == 0 and last["straggler_ratio"] >= 1
     assert last["optimizee_steps_per_s"] > 0 and torch.isfinite(torch.tensor(last["heldout_loss"]))
+    assert 0 <= last["ray_overhead_fraction"] < 1
 
 
 def test_async_mode_applies_each_gradient_and_drops_stale_ones(ray_cluster, tmp_path):

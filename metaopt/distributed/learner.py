@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -85,12 +86,17 @@ class WorkerGroup:
 
     def estimate(self, meta_params: MetaParams) -> Estimate:
         self.version += 1
+        started = time.perf_counter()
         params_ref = ray.put(flatten(meta_params))  # one broadcast per meta-step
         if self.config.distributed.mode == "sync":
             results = self._gather_sync(params_ref)
         else:
             results = [self._next_async(params_ref)]
-        return self._combine(results)
+        estimate = self._combine(results)
+        if self.config.distributed.mode == "sync":  # learner time not spent waiting on the slowest unroll
+            wall = time.perf_counter() - started
+            estimate.stats["ray_overhead_fraction"] = max(0.0, wall - max(r["seconds"] for r in results)) / wall
+        return estimate
 
     def reset_episode(self) -> None:
         """After a skipped meta-gradient: new episodes for the workers whose estimate was not finite."""
