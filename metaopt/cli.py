@@ -117,21 +117,27 @@ def _finish_tracking(tracker, config, run_dir: Path, trainer, checkpoint: Path) 
     for name in ("metrics.parquet", "config.yaml"):
         tracker.log_artifacts_file(run_dir / name)
     tracker.finish()
-    uri = tracker.tracking_uri
+    uri, default_uri = tracker.tracking_uri, _default_uri()
+    name, alias = config.tracking.register_as, config.tracking.alias
+    register_later = f"`metaopt registry --tracking-uri {uri} register {tracker.run_id or 'RUN_ID'} {name}`"
     if tracker.buffered:
         print(f"MLflow at {uri} was unreachable: {tracker.buffered} write(s) wait in {run_dir}; "
-              f"deliver them with `metaopt sync {run_dir}`")
+              f"deliver them with `metaopt sync {run_dir}`" + (f", then register with {register_later}" if name else ""))
         return
     print(f"MLflow run {tracker.run_id} at {uri}; open it with: mlflow ui --backend-store-uri {uri}")
-    if config.tracking.register_as:
+    if name:
         from metaopt.tracking.registry import register_run
 
-        name, alias = config.tracking.register_as, config.tracking.alias
-        version = register_run(tracker.run_id, name, alias, tracking_uri=uri, task=config.task.kind,
-                               heldout_loss=trainer.best_heldout, run_dir=run_dir)
+        try:
+            version = register_run(tracker.run_id, name, alias, tracking_uri=uri, task=config.task.kind,
+                                   heldout_loss=trainer.best_heldout, run_dir=run_dir)
+        except Exception as error:  # noqa: BLE001 - the trained optimizer is safe on disk either way
+            print(f"registering {name} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
+                  f"run and its checkpoints are saved; register it later with {register_later}", file=sys.stderr)
+            return
         print(f"registered {name} version {version} (models:/{name}@{alias}); train your own model with it:\n"
               f"  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', model.parameters())"
-              + ("" if uri == _default_uri() else f"  # with MLFLOW_TRACKING_URI={uri}"))
+              + ("" if uri == default_uri else f"  # with MLFLOW_TRACKING_URI={uri}"))
 
 
 def _default_uri() -> str:

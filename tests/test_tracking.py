@@ -172,3 +172,19 @@ def test_a_server_that_goes_down_mid_run_loses_nothing(tmp_path):
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
     finally:
         server.stop()
+
+
+def test_a_refused_write_is_skipped_and_never_blocks_later_ones(tmp_path):
+    """A resumed run continues its MLflow run; a param changed on resume is refused by the store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = RunTracker(tmp_path / "run", uri)
+    first.log_params({"train.meta_lr": "0.001"})
+    first.finish()
+    resumed = RunTracker(tmp_path / "run", uri)
+    with pytest.warns(UserWarning, match="MLflow refused a params write"):
+        resumed.log_params({"train.meta_lr": "0.003"})
+    resumed.log_metrics(7, {"meta_loss": 0.5})
+    resumed.finish()
+    assert resumed.run_id == first.run_id and resumed.buffered == 0
+    run = MlflowClient(uri).get_run(first.run_id)
+    assert run.data.params["train.meta_lr"] == "0.001" and run.data.metrics["meta_loss"] == 0.5

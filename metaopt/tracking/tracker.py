@@ -48,6 +48,23 @@ def git_commit() -> str | None:
         return None
 
 
+# Answers from a reachable store that refuse a write (e.g. a param changed on --resume): retrying
+# cannot help, so the write is dropped with a warning instead of blocking the buffer behind it.
+REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+            "PERMISSION_DENIED", "INVALID_STATE"}
+
+
+def _rejected(error: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in REJECTED
+
+
+def _warn_rejected(op: dict, error: Exception) -> None:
+    warnings.warn(f"MLflow refused a {op['op']} write ({str(error).splitlines()[0][:300]}); it is skipped, "
+                  "training continues", stacklevel=4)
+
+
 class RunTracker:
     """The MLflow run of the meta-training run in ``run_dir``.
 
@@ -122,6 +139,9 @@ class RunTracker:
             self._apply(op)
             self.offline_since = None
         except Exception as error:  # noqa: BLE001 - any failure to reach the store must not stop training
+            if _rejected(error):
+                _warn_rejected(op, error)
+                return
             self._went_offline(error)
             self._buffer(op)
 
@@ -135,6 +155,9 @@ class RunTracker:
             try:
                 self._apply(op)
             except Exception as error:  # noqa: BLE001
+                if _rejected(error):  # the server answered and refused: retrying cannot help
+                    _warn_rejected(op, error)
+                    continue
                 self._went_offline(error)
                 buffer.write_text("".join(json.dumps(o) + "\n" for o in pending[index:]))
                 return False
