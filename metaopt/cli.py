@@ -86,6 +86,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from metaopt.tune import load_search
+    from metaopt.tune.search import run_search
+
+    overrides = list(args.set)
+    if args.samples is not None:
+        overrides.append(f"search.samples={args.samples}")
+    if args.register:
+        overrides.append(f"search.register_as={args.register}")
+    space = load_search(args.config, overrides)
+    if space.spec.search.register_as and (args.no_tracking or not space.config.tracking.enabled):
+        raise ConfigError("registering the best optimizer needs MLflow tracking: drop --no-tracking "
+                          "(or tracking.enabled: false), or drop --register / search.register_as")
+    if args.tracking_uri:
+        space.config.tracking.uri = args.tracking_uri
+    folder = Path(args.resume or args.output) if (args.resume or args.output) else None
+    search = space.spec.search
+    print(f"metaopt tune: {search.samples} trial(s) of {space.config.optimizer.kind} on {space.config.task.kind}, "
+          f"{search.searcher} search, {search.scheduler} scheduling" + (f"; resuming {folder}" if args.resume else ""))
+    outcome = run_search(space, folder, address=args.address, resume=bool(args.resume),
+                         tracking=not args.no_tracking, show_progress=not args.no_progress)
+    print((outcome.folder / "results.md").read_text())
+    print(outcome.comparison)
+    print(f"results: {outcome.folder} (results.parquet, results.md, best/, default/, Tune's trial folders); "
+          f"resume an interrupted search with --resume {outcome.folder}")
+    if outcome.parent_run_id:
+        print(f"MLflow: search run {outcome.parent_run_id} with one nested run per trial")
+    if outcome.registered_version is not None:
+        name, alias = search.register_as, search.alias
+        print(f"registered {name} version {outcome.registered_version} as @{alias}; "
+              f"metaopt.load_optimizer('models:/{name}@{alias}', model.parameters())")
+    return 0
+
+
 def _start_tracking(config, run_dir: Path):
     """The run's MLflow tracker (config as flattened params), or None with tracking disabled."""
     if not config.tracking.enabled:
@@ -247,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--register", metavar="NAME", help="register the best optimizer as MLflow model NAME")
     train.add_argument("--no-tracking", action="store_true", help="do not track the run in MLflow")
     train.set_defaults(handler=_train)
+
+    tune = commands.add_parser(
+        "tune", help="search the learned optimizer's architecture with Ray Tune; register the best",
+        description="Run the search declared in CONFIG (jobs/configs/tune_*.yaml: a base training config, "
+        "a space, a searcher and scheduler) on Ray; every trial meta-trains and reports its validation loss. "
+        "Writes results.parquet and the best trial's comparison with the default architecture and the "
+        "hand-designed baselines; tracks the search and its trials in MLflow; registers the best.")
+    _add_common(tune)
+    tune.add_argument("--samples", type=int, metavar="N", help="trials to run (default: search.samples)")
+    tune.add_argument("--address", metavar="ADDRESS", help="Ray cluster (default: RAY_ADDRESS, a running "
+                      "`ray start` cluster, else a local Ray)")
+    tune.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR (Tuner.restore)")
+    tune.add_argument("--register", metavar="NAME", help="register the best optimizer as NAME@candidate")
+    tune.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default as for train)")
+    tune.add_argument("--no-tracking", action="store_true", help="do not track the search in MLflow")
+    tune.set_defaults(handler=_tune)
 
     sync = commands.add_parser(
         "sync", help="deliver a run's MLflow writes buffered while the tracking server was unreachable",

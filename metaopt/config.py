@@ -273,16 +273,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE such as evaluate.runs=10; got {override!r}")
-        *parents, leaf = key.split(".")
-        node: Any = data
-        for part in parents:
-            node = _child(node, part, key, create=True)
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[_index(node, leaf, key)] = value
-        else:
-            node[leaf] = value
+        set_path(data, key, yaml.safe_load(raw))
     return data
+
+
+def set_path(data: dict, key: str, value: Any) -> None:
+    """Set dotted ``key`` (``train.meta_lr``, ``evaluate.optimizers.0.lr``) in ``data`` to ``value``."""
+    *parents, leaf = key.split(".")
+    node: Any = data
+    for part in parents:
+        node = _child(node, part, key, create=True)
+    if isinstance(node, list):
+        node[_index(node, leaf, key)] = value
+    else:
+        node[leaf] = value
 
 
 def _index(node: list, part: str, key: str) -> int:

@@ -167,6 +167,9 @@ def test_phnn_learned_hamiltonian_double_backward():
         (PHNN(), 229),
         (PHNN(hamiltonian="quadratic", dissipation="constant", port="identity"), 2),
         (PHNN(state_dim=3, hidden=8, state_features=True), 1 + 9 + 7 * 8 + (6 * 8 + 8 * 9 + 9) + (6 * 8 + 48 + 6) + 3),
+        (PHNN(depth=2, activation="gelu"), 229 + 3 * (16 * 16 + 16)),
+        (PHNN(preprocess=False), 229 - 3 * 16),
+        (HNNSeed(hidden=8, depth=2, activation="silu"), 2 * (2 * 2 * 8 + 8 + 2 + (8 * 8 + 8)) + 7 * 4 + 3 * 2 + 1),
     ],
 )
 def test_num_meta_params(optimizer: NetworkOptimizer, count: int):
@@ -203,3 +206,22 @@ def test_phnn_leapfrog_differs_from_semi_implicit_euler():
 def test_phnn_rejects_unknown_switch():
     with pytest.raises(ValueError):
         PHNN(integrator="rk4")
+
+
+@pytest.mark.parametrize("options", [{"depth": 3, "activation": "relu"}, {"preprocess": False}, {"integrator": "leapfrog"}])
+def test_phnn_architectures_start_as_heavy_ball(options):
+    """Every architecture of the search space starts as heavy ball (zero last layers)."""
+    grads = torch.randn(3, 5)
+    searched, plain = PHNN(**options), PHNN(hamiltonian="quadratic", dissipation="constant", port="identity")
+    if options.get("integrator"):
+        plain = PHNN(hamiltonian="quadratic", dissipation="constant", port="identity", integrator="leapfrog")
+    updates, _ = searched.update(searched.init_meta_params(0), grads, searched.init_state(grads), 0)
+    expected, _ = plain.update(plain.init_meta_params(0), grads, plain.init_state(grads), 0)
+    torch.testing.assert_close(updates, expected)
+
+
+def test_architecture_options_are_checked():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        PHNN(activation="softmax")
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        HNNSeed(depth=0)

@@ -213,21 +213,29 @@ class WorkerGroup:
 
 
 @contextmanager
-def ray_workers(config: Config, address: str | None = None) -> Iterator[WorkerGroup]:
-    """Start the workers, connecting to Ray first unless already connected; stop what this started.
+def ray_connection(address: str | None = None) -> Iterator[None]:
+    """Connect to Ray unless already connected, and disconnect afterwards only if this connected.
 
-    ``address`` (or ``distributed.address``): a cluster address; without one, ``RAY_ADDRESS``, then
-    a cluster started with ``ray start`` on this machine, else a local Ray for this run.
+    ``address``: a cluster address; without one, ``RAY_ADDRESS``, then a cluster started with
+    ``ray start`` on this machine, else a local Ray for this run.
     """
     connect = not ray.is_initialized()
     if connect:
-        ray.init(address=address or config.distributed.address, logging_level="WARNING")
-    group = None
+        ray.init(address=address, logging_level="WARNING")
     try:
-        group = WorkerGroup(config)
-        yield group
+        yield
     finally:
-        if group is not None:
-            group.close()
         if connect:
             ray.shutdown()
+
+
+@contextmanager
+def ray_workers(config: Config, address: str | None = None) -> Iterator[WorkerGroup]:
+    """Start the workers on the cluster of ``ray_connection(address or distributed.address)``;
+    stop what this started."""
+    with ray_connection(address or config.distributed.address):
+        group = WorkerGroup(config)
+        try:
+            yield group
+        finally:
+            group.close()

@@ -26,6 +26,7 @@ from metaopt.optimizers import MetaParams, Optimizer
 from metaopt.tasks import TaskFamily, make_task, optimizee_seeds
 
 MetricsFn = Callable[[int, dict[str, float]], None]
+CheckpointFn = Callable[[Path, dict[str, float]], None]  # (checkpoint folder, that meta-step's metrics)
 BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
@@ -114,9 +115,10 @@ class MetaTrainer:
     def best_checkpoint(self) -> Path:
         return self.checkpoint_dir / BEST
 
-    def train(self, show_progress: bool = True, on_metrics: MetricsFn | None = None) -> Path:
+    def train(self, show_progress: bool = True, on_metrics: MetricsFn | None = None,
+              on_checkpoint: CheckpointFn | None = None) -> Path:
         """Meta-train until ``train.meta_steps``; return the final checkpoint (``best_checkpoint``
-        holds the one with the lowest validation loss)."""
+        holds the one with the lowest validation loss). ``on_checkpoint`` sees every periodic one."""
         train = self.config.train
         if self.meta_step == 0:  # the initialisation competes for best too
             self.best_heldout = self.heldout_loss()
@@ -138,7 +140,9 @@ class MetaTrainer:
                             steps_per_s=f"{metrics['optimizee_steps_per_s']:.0f}",
                             **({"heldout": f"{metrics['heldout_loss']:.4g}"} if "heldout_loss" in metrics else {}))
             if self.meta_step % train.checkpoint_every == 0 or self.meta_step == train.meta_steps:
-                self.save()
+                checkpoint = self.save()
+                if on_checkpoint:
+                    on_checkpoint(checkpoint, metrics)
         bar.close()
         return list_checkpoints(self.checkpoint_dir)[-1]
 
@@ -180,6 +184,8 @@ class MetaTrainer:
             for name, param in self.meta_params.items():
                 param.copy_(weights[name])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for group in self.meta_optimizer.param_groups:  # the config's rate wins (e.g. PBT changed it)
+            group["lr"] = self.config.train.meta_lr
         self.estimator.load_state_dict(to_device(state["estimator"], self.device))
         self.meta_step, self.skipped = int(state["meta_step"]), int(state["skipped"])
         self.best_heldout = float(state["best_heldout"])

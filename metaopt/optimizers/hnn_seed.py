@@ -9,20 +9,25 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
+from metaopt.optimizers.phnn import ACTIVATIONS, Activation
 
 
-def _potential(d: int) -> nn.Sequential:
-    """Linear(d, d)–ReLU–Linear(d, d), the shape of both G and V."""
-    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+def _potential(d: int, hidden: int, depth: int, activation: str) -> nn.Sequential:
+    """The shape of both G and V: Linear(d, hidden)–act–…–Linear(hidden, d), ``depth`` hidden layers
+    (the original: hidden = d, depth 1, ReLU)."""
+    layers: list[nn.Module] = []
+    for width_in in [d] + [hidden] * (depth - 1):
+        layers += [nn.Linear(width_in, hidden), ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers, nn.Linear(hidden, d))
 
 
 class _HNNSeedNetwork(nn.Module):
     """One HNN step for rows of coordinates: (q [rows, d], p [rows, d]) -> (raw update [rows], next p)."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, hidden: int, depth: int, activation: str):
         super().__init__()
-        self.G = _potential(d)
-        self.V = _potential(d)
+        self.G = _potential(d, hidden, depth, activation)
+        self.V = _potential(d, hidden, depth, activation)
         self.D = nn.Linear(2 * d, 2 * d, bias=False)
         self.L = nn.Parameter(torch.eye(d) + 0.01 * torch.randn(d, d))
         self.W_out = nn.Linear(2 * d, 1)
@@ -43,13 +48,23 @@ class HNNSeed(NetworkOptimizer):
 
     With d = 2 if ``preprocess`` else 1: q̇ = p − D_q, ṗ = (−V(q) − D_p + G(q))·M with
     [D_q, D_p] = D·[V(q), p] and M = L·Lᵀ; the update is ``out_mul`` · W_out·[q̇, q] and the next
-    state W₁·[q̇, ṗ] + b₁. Meta-parameters: 11d² + 7d + 1, i.e. 59 at the defaults (d = 2), 19
-    without preprocessing (d = 1).
+    state W₁·[q̇, ṗ] + b₁. G and V have ``depth`` hidden layers of width ``hidden`` (default d, as in
+    the original) with ``activation`` (default ReLU). Meta-parameters: 11d² + 7d + 1 at the defaults,
+    i.e. 59 with preprocessing (d = 2), 19 without (d = 1); in general 2·(2dm + m + d + (depth − 1)(m² + m))
+    + 7d² + 3d + 1 with m = ``hidden``.
     """
 
     kind = "hnn_seed"
 
-    def __init__(self, preprocess: bool = True, preprocess_p: float = 10.0, out_mul: float = 0.1):
+    def __init__(self, preprocess: bool = True, preprocess_p: float = 10.0, out_mul: float = 0.1,
+                 hidden: int | None = None, depth: int = 1, activation: Activation = "relu"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if (hidden is not None and hidden < 1) or depth < 1:
+            raise ValueError(f"hidden and depth must be >= 1, got {hidden}, {depth}")
+        self.hidden = hidden
+        self.depth = depth
+        self.activation = activation
         self.preprocess = preprocess
         self.preprocess_p = preprocess_p
         self.out_mul = out_mul
@@ -61,7 +76,7 @@ class HNNSeed(NetworkOptimizer):
         return 2 if self.preprocess else 1
 
     def build_network(self) -> nn.Module:
-        return _HNNSeedNetwork(self.dim)
+        return _HNNSeedNetwork(self.dim, self.hidden or self.dim, self.depth, self.activation)
 
     def init_state(self, params: Tensor) -> OptState:
         return {"p": params.new_zeros(params.shape + (self.dim,))}

@@ -18,17 +18,22 @@ HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
 PortChoice = Literal["learned", "identity"]
 Integrator = Literal["semi_implicit_euler", "leapfrog"]
+Activation = Literal["tanh", "relu", "gelu", "silu"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
-NUM_FEATURES = 2  # log_sign_preprocess(g)
 
-
-def _mlp(inputs: int, hidden: int, outputs: int, bias: bool = True) -> nn.Sequential:
-    """Linear–Tanh–Linear with a zero-initialised last layer, so it starts as the zero function."""
+def mlp(inputs: int, hidden: int, outputs: int, depth: int = 1, activation: str = "tanh",
+        bias: bool = True) -> nn.Sequential:
+    """``depth`` hidden layers of width ``hidden`` and a zero-initialised last layer, so it starts
+    as the zero function."""
     last = nn.Linear(hidden, outputs, bias=bias)
     nn.init.zeros_(last.weight)
     if bias:
         nn.init.zeros_(last.bias)
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), last)
+    layers: list[nn.Module] = []
+    for width_in in [inputs] + [hidden] * (depth - 1):
+        layers += [nn.Linear(width_in, hidden), ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers, last)
 
 
 class _PHNNNetwork(nn.Module):
@@ -38,6 +43,9 @@ class _PHNNNetwork(nn.Module):
         self,
         state_dim: int,
         hidden: int,
+        depth: int,
+        activation: str,
+        preprocess: bool,
         init_lr: float,
         init_momentum: float,
         learned_hamiltonian: bool,
@@ -48,18 +56,20 @@ class _PHNNNetwork(nn.Module):
     ):
         super().__init__()
         k = state_dim
-        inputs = NUM_FEATURES + (k if state_features else 0)
+        features = 2 if preprocess else 1
+        inputs = features + (k if state_features else 0)
         h0 = math.sqrt(init_lr)
         r0 = (1.0 - init_momentum) / h0
         self.state_dim = k
         self.state_features = state_features
+        self.preprocess = preprocess
         self.leapfrog = leapfrog
         self.log_h = nn.Parameter(torch.tensor(math.log(h0)))
         self.A0 = nn.Parameter(math.sqrt(r0) * torch.eye(k))
         # An additive constant in H never moves p, so the energy MLP has no output bias.
-        self.hamiltonian = _mlp(k + NUM_FEATURES, hidden, 1, bias=False) if learned_hamiltonian else None
-        self.dissipation = _mlp(inputs, hidden, k * k) if learned_dissipation else None
-        self.port = _mlp(inputs, hidden, 2 * k) if learned_port else None
+        self.hamiltonian = mlp(k + features, hidden, 1, depth, activation, bias=False) if learned_hamiltonian else None
+        self.dissipation = mlp(inputs, hidden, k * k, depth, activation) if learned_dissipation else None
+        self.port = mlp(inputs, hidden, 2 * k, depth, activation) if learned_port else None
         self.readout = None
         if k > 1:
             self.readout = nn.Linear(k, 1, bias=False)
@@ -100,7 +110,7 @@ class _PHNNNetwork(nn.Module):
         return self.readout(dh_dp).squeeze(-1)
 
     def forward(self, g: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        f = log_sign_preprocess(g)
+        f = log_sign_preprocess(g) if self.preprocess else g[:, None]
         h = self.log_h.exp()
         if not self.leapfrog:
             p_next = p + h * self.rate(g, f, p, self.energy_grad(p, f))
@@ -114,7 +124,8 @@ class _PHNNNetwork(nn.Module):
 class PHNN(NetworkOptimizer):
     """Port-Hamiltonian optimizer: per coordinate a momentum-like state p ∈ R^k (k = ``state_dim``).
 
-    Energy H(p, f) = ½‖p‖² + MLP_H([p, f]) with f = log_sign_preprocess(g); dissipation
+    Energy H(p, f) = ½‖p‖² + MLP_H([p, f]) with f = log_sign_preprocess(g) (f = g with
+    ``preprocess=False``); every MLP has ``depth`` hidden layers of width ``hidden``; dissipation
     R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
     ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
 
@@ -127,10 +138,11 @@ class PHNN(NetworkOptimizer):
     All last layers start at zero, h₀ = √init_lr and A₀ = √((1 − init_momentum)/h₀)·I, so at
     initialisation it is exactly heavy ball: lr = h², momentum = 1 − h·R, p = −h·buf.
 
-    Meta-parameters, with m = ``hidden`` and i = 2 (+ k with ``state_features``):
-    1 (log_h) + k² (A₀) + (k + 4)·m (learned H, no output bias) + (i + 1)·m + m·k² + k² (learned R)
-    + (i + 1)·m + 2k·m + 2k (learned port) + k (read-out, only for k > 1);
-    229 at the defaults (k = 1, m = 16, all learned), 2 with everything fixed.
+    Meta-parameters, with m = ``hidden``, f = 2 (1 without ``preprocess``), i = f (+ k with
+    ``state_features``) and at depth 1: 1 (log_h) + k² (A₀) + (k + f + 2)·m (learned H, no output
+    bias) + (i + 1)·m + m·k² + k² (learned R) + (i + 1)·m + 2k·m + 2k (learned port) + k (read-out,
+    only for k > 1); each extra hidden layer adds m² + m per learned MLP. 229 at the defaults
+    (k = 1, m = 16, all learned), 2 with everything fixed.
     """
 
     kind = "phnn"
@@ -139,6 +151,9 @@ class PHNN(NetworkOptimizer):
         self,
         state_dim: int = 1,
         hidden: int = 16,
+        depth: int = 1,
+        activation: Activation = "tanh",
+        preprocess: bool = True,
         init_lr: float = 0.01,
         init_momentum: float = 0.9,
         hamiltonian: HamiltonianChoice = "learned",
@@ -152,13 +167,19 @@ class PHNN(NetworkOptimizer):
             ("dissipation", dissipation, ("learned", "constant")),
             ("port", port, ("learned", "identity")),
             ("integrator", integrator, ("semi_implicit_euler", "leapfrog")),
+            ("activation", activation, tuple(ACTIVATIONS)),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if init_lr <= 0 or not 0 <= init_momentum <= 1:
             raise ValueError("need init_lr > 0 and 0 <= init_momentum <= 1")
+        if state_dim < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"state_dim, hidden and depth must be >= 1, got {state_dim}, {hidden}, {depth}")
         self.state_dim = state_dim
         self.hidden = hidden
+        self.depth = depth
+        self.activation = activation
+        self.preprocess = preprocess
         self.init_lr = init_lr
         self.init_momentum = init_momentum
         self.hamiltonian = hamiltonian
@@ -172,6 +193,9 @@ class PHNN(NetworkOptimizer):
         return _PHNNNetwork(
             state_dim=self.state_dim,
             hidden=self.hidden,
+            depth=self.depth,
+            activation=self.activation,
+            preprocess=self.preprocess,
             init_lr=self.init_lr,
             init_momentum=self.init_momentum,
             learned_hamiltonian=self.hamiltonian == "learned",
