@@ -159,6 +159,9 @@ class TrainConfig(StrictModel):
     meta_lr: float = Field(0.003, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    unroll_checkpoint_steps: int = Field(
+        0, ge=0, description="tbptt: activation checkpointing of the unroll; recompute it during the "
+        "meta-backward in chunks of this many steps (same meta-gradient, memory ~flat in unroll; 0: off)")
     seed: int = Field(0, ge=0)
     eval_every: int = Field(50, ge=1)
     eval_runs: int = Field(20, ge=1)

@@ -45,6 +45,7 @@ class RolloutWorker:
 
     def __init__(self, config_data: dict, worker: int, workers: int, data, num_threads: int):
         torch.set_num_threads(num_threads)
+        torch.set_flush_denormal(True)  # as MetaTrainer: subnormal floats are slow on x86 CPUs
         config = validate_config(config_data, source="the learner's config")
         self.worker = worker
         self.device = self._device(config.device)

@@ -108,15 +108,17 @@ class Estimator:
 class TruncatedBackprop(Estimator):
     """Backpropagate the summed optimizee loss of a truncation into the meta-parameters."""
 
-    def __init__(self, *args, second_order: bool = False, **kwargs):
+    def __init__(self, *args, second_order: bool = False, checkpoint_steps: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.second_order = second_order
+        self.checkpoint_steps = checkpoint_steps  # > 0: recompute the unroll in chunks of this many steps
 
     def estimate(self, meta_params: MetaParams) -> Estimate:
         state = self._state_for_step()
         leaves = {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
         length = self._length(state)
-        losses, new_state = unroll(self.family, self.optimizer.update, leaves, state, length, self.second_order)
+        losses, new_state = unroll(self.family, self.optimizer.update, leaves, state, length, self.second_order,
+                                   self.checkpoint_steps)
         meta_loss = losses.mean(dim=1).sum()
         grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
         self.state = new_state.detached()
@@ -195,11 +197,12 @@ class AntitheticES(Estimator):
 
 
 def make_estimator(config, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int,
-                   episode_length: int, seed: int = 0) -> Estimator:
-    """The estimator an ``EstimatorConfig`` describes."""
+                   episode_length: int, seed: int = 0, checkpoint_steps: int = 0) -> Estimator:
+    """The estimator an ``EstimatorConfig`` describes; ``checkpoint_steps`` > 0 turns on activation
+    checkpointing of truncated backprop's unroll in chunks of that many steps."""
     common = dict(family=family, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length,
                   episode_length=episode_length)
     if config.kind == "tbptt":
-        return TruncatedBackprop(**common, second_order=config.second_order)
+        return TruncatedBackprop(**common, second_order=config.second_order, checkpoint_steps=checkpoint_steps)
     return AntitheticES(**common, pairs=config.pairs, sigma=config.sigma, persistent=config.kind == "pes",
                         generator_seed=seed)

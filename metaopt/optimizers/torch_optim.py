@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from metaopt.optimizers.base import MetaParams, Optimizer
+from metaopt.optimizers.base import MetaParams, Optimizer, OptState
 
 STEP = "step"
+
+
+@dataclass
+class _FlatGroup:
+    """Parameters of one group, device and dtype, with their optimizer state in flat buffers.
+
+    ``self.state[p][key]`` of every parameter is a view into ``state[key]`` (and its step counter a
+    view into ``steps``), so one batched update writes all parameters' state at once.
+    """
+
+    param_ids: tuple[int, ...]
+    flat_params: list[Tensor]  # each parameter viewed as 1-D (same storage)
+    sizes: list[int]
+    state: OptState  # key -> [total, ...]
+    steps: Tensor  # [len(params)] int64
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
     """Steps a model's parameters with a functional metaopt ``optimizer`` and its ``meta_params``.
 
     Every parameter coordinate is one row of the coordinatewise optimizer, so all parameters of a
-    group (per device and dtype) go through it as one batched call. ``lr`` multiplies the updates
-    (1.0 is the optimizer as meta-trained), so learning-rate schedulers and per-group rates work.
-    Per-parameter state lives in ``self.state[p]`` like any torch optimizer's, so ``state_dict``
-    / ``load_state_dict`` resume a user's training exactly.
+    group (per device and dtype) go through it as one batched call: one concatenation of the
+    gradients, one network call, one foreach add, one copy into the flat state; no per-parameter
+    work. ``lr`` multiplies the updates (1.0 is the optimizer as meta-trained), so learning-rate
+    schedulers and per-group rates work. Per-parameter state lives in ``self.state[p]`` (as views
+    into a flat buffer) like any torch optimizer's, so ``state_dict`` / ``load_state_dict``
+    resume a user's training exactly. ``compile=True`` runs the update through ``torch.compile``
+    and falls back to eager, with a warning, where compilation fails.
     """
 
-    def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0):
+    def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0,
+                 compile: bool = False):
         if lr <= 0:
             raise ValueError(f"lr must be > 0 (a multiplier on the learned updates, 1.0 as trained); got {lr}")
         super().__init__(params, {"lr": lr})
         self.optimizer = optimizer
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
         self._on_device: dict[tuple[torch.device, torch.dtype], MetaParams] = {}
+        self._flat: dict[tuple[int, torch.device, torch.dtype], _FlatGroup] = {}
+        self._update = torch.compile(optimizer.update) if compile else None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._flat.clear()  # the loaded state replaced the views into the flat buffers
 
     def _meta_params(self, device: torch.device, dtype: torch.dtype) -> MetaParams:
         key = (device, dtype)
@@ -42,7 +69,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for param in group["params"]:
                 if param.grad is not None:
@@ -50,26 +77,46 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         raise RuntimeError("LearnedOptimizer does not support sparse gradients")
                     by_device.setdefault((param.device, param.dtype), []).append(param)
             for (device, dtype), params in by_device.items():
-                self._step_params(params, group["lr"], self._meta_params(device, dtype))
+                flat = self._flat_group((index, device, dtype), params)
+                self._step_flat(flat, [p.grad for p in params], group["lr"], self._meta_params(device, dtype))
         return loss
 
-    def _step_params(self, params: list[Tensor], lr: float, meta_params: MetaParams) -> None:
-        """One batched update of ``params`` (same device and dtype), state kept per parameter."""
-        for param in params:
+    def _flat_group(self, key: tuple[int, torch.device, torch.dtype], params: list[Tensor]) -> _FlatGroup:
+        """The cached flat state of ``params``, rebuilt when the set of parameters changed or a
+        state dict was loaded."""
+        param_ids = tuple(map(id, params))
+        flat = self._flat.get(key)
+        if flat is not None and flat.param_ids == param_ids:
+            return flat
+        sizes = [p.numel() for p in params]
+        for param in params:  # only when (re)building: fresh parameters get a fresh state
             if not self.state[param]:
                 self.state[param].update(self.optimizer.init_state(param.new_zeros(param.numel())))
                 self.state[param][STEP] = torch.zeros((), dtype=torch.int64)
-        step = int(self.state[params[0]][STEP])
-        sizes = [p.numel() for p in params]
-        grads = torch.cat([p.grad.reshape(-1) for p in params])
-        state_keys = [k for k in self.state[params[0]] if k != STEP]
-        state = {k: torch.cat([self.state[p][k] for p in params]) for k in state_keys}
-        updates, new_state = self.optimizer.update(meta_params, grads, state, step)
-        if lr != 1.0:
-            updates = updates * lr
-        torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.split(sizes), params)])
+        keys = [k for k in self.state[params[0]] if k != STEP]
+        state = {k: torch.cat([self.state[p][k] for p in params]) for k in keys}
+        steps = torch.stack([self.state[p][STEP].reshape(()) for p in params])
+        for param, step_view, *chunks in zip(params, steps.unbind(), *(state[k].split(sizes) for k in keys)):
+            self.state[param].update(zip(keys, chunks))
+            self.state[param][STEP] = step_view
+        flat = _FlatGroup(param_ids, [p.view(-1) for p in params], sizes, state, steps)
+        self._flat[key] = flat
+        return flat
+
+    def _step_flat(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> None:
+        """One batched update of a flat group; its state buffers are overwritten in place."""
+        grad = torch.cat([g.reshape(-1) for g in grads])
+        updates, new_state = self._call_update(meta_params, grad, flat.state, int(flat.steps[0]))
+        torch._foreach_add_(flat.flat_params, updates.split(flat.sizes), alpha=lr)
         for key, value in new_state.items():
-            for param, chunk in zip(params, value.split(sizes)):
-                self.state[param][key] = chunk
-        for param in params:
-            self.state[param][STEP] += 1
+            flat.state[key].copy_(value)
+        flat.steps.add_(1)
+
+    def _call_update(self, meta_params: MetaParams, grad: Tensor, state: OptState, step: int):
+        if self._update is not None:
+            try:
+                return self._update(meta_params, grad, state, step)
+            except Exception as error:  # no C++ compiler, unsupported op, ...: eager from now on
+                warnings.warn(f"torch.compile of the {self.optimizer.kind} update failed, running eager: {error}")
+                self._update = None
+        return self.optimizer.update(meta_params, grad, state, step)
