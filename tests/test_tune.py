@@ -135,19 +135,21 @@ def test_tiny_asha_search_tracks_trials_and_registers_the_best(ray_cluster, mlfl
 
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     try:
+        torch.manual_seed(0)
         model = torch.nn.Linear(5, 1)
         optimizer = metaopt.load_optimizer("models:/tiny-tuned@candidate", model.parameters())
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    x, y = torch.randn(64, 5), torch.randn(64, 1)
+    x = torch.randn(64, 5)
+    y = x @ torch.randn(5, 1)  # learnable: the loss can go to zero
     losses = []
-    for _ in range(30):
+    for _ in range(50):
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("searcher", ["optuna", "pbt"])
