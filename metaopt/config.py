@@ -312,17 +312,22 @@ def _child(node: Any, part: str, key: str, create: bool) -> Any:
     return node[part]
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a YAML config; any problem raises ``ConfigError``."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str, sections: str) -> dict:
+    """The mapping in YAML file ``path`` (a ``what``: "config file", "search file"), or ``ConfigError``."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; configs ship in jobs/configs/")
+        raise ConfigError(f"{what} {path} does not exist; they ship in jobs/configs/")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (task, evaluate, ...), not {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a mapping of sections ({sections}), not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config; any problem raises ``ConfigError``."""
+    data = read_yaml_mapping(Path(path), "config file", "task, evaluate, ...")
     return validate_config(apply_overrides(data, overrides or []), source=str(path))
 
 

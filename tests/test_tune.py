@@ -103,8 +103,10 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 
 
 def test_tiny_asha_search_tracks_trials_and_registers_the_best(ray_cluster, mlflow_server, tmp_path, capsys):
-    # Seed 6 samples a good trial first and slow ones (init_lr 1e-6) after it, so ASHA has something to stop.
-    path = write_search(tmp_path, {"seed": 6, "compare_default": True})
+    # Seed 11 samples init_lr 0.01, 0.01, 1e-6, 0.01: the third trial starts only when one of the first two
+    # has finished every rung, so ASHA always has a better result to stop the slow one (1e-6) against.
+    path = write_search(tmp_path, {"seed": 11, "compare_default": True},
+                        space={"optimizer.options.init_lr": {"choice": [0.01, 1e-6]}})
     folder = tmp_path / "search"
     code = main(["tune", str(path), "--address", ray_cluster.address, "--tracking-uri", mlflow_server.uri,
                  "--register", "tiny-tuned", "--output", str(folder), "--no-progress"])

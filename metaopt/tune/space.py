@@ -24,7 +24,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from metaopt.config import Config, ConfigError, StrictModel, _describe, set_path, validate_config
+from metaopt.config import (
+    Config, ConfigError, StrictModel, _describe, read_yaml_mapping, set_path, validate_config,
+)
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint", "lograndint")
 PBT_MUTABLE = ("train.meta_lr", "train.unroll", "train.grad_clip")  # change mid-run; shapes cannot
@@ -181,15 +183,8 @@ def _corner(domain, corner: int) -> Any:
 def load_search(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     """Read a search YAML (``--set`` overrides apply to it, e.g. ``search.samples=4``) and validate it."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search file {path} does not exist; searches ship in jobs/configs/tune_*.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (base, set, search, space, pbt)")
-    data = _apply_search_overrides(data, overrides or [])
+    data = _apply_search_overrides(read_yaml_mapping(path, "search file", "base, set, search, space, pbt"),
+                                   overrides or [])
     try:
         spec = TuneSpec.model_validate(data)
     except ValidationError as error:
