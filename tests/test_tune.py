@@ -159,8 +159,9 @@ def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
     if searcher == "optuna":
         path = write_search(tmp_path, {"samples": 2, "searcher": "optuna", "scheduler": "fifo"})
     else:
-        path = write_search(tmp_path, {"samples": 2, "scheduler": "pbt"}, space={},
-                            pbt={"perturbation_interval": 1,
+        # Long enough that both trials are running whenever one reaches a perturbation point.
+        path = write_search(tmp_path, {"samples": 2, "scheduler": "pbt"}, space={}, set={"train.meta_steps": 40},
+                            pbt={"perturbation_interval": 4,
                                  "mutations": {"train.meta_lr": {"loguniform": [0.0001, 0.01]},
                                                "train.unroll": {"choice": [4, 5]}}})
     folder = tmp_path / "search"
@@ -168,9 +169,12 @@ def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
                  "--no-progress"]) == 0
     results = pd.read_parquet(folder / "results.parquet")
     assert len(results) == 2 and (results["status"] == "completed").all(), results
-    if searcher == "pbt":  # PBT restarted trials from each other's checkpoints with new meta-learning rates
-        logs = [p.read_text() for p in folder.glob("pbt_policy_*.txt")]
-        assert logs and any(line.strip() for line in logs), "PBT never exploited a checkpoint"
+    if searcher == "pbt":  # PBT restarted a trial from the other's checkpoint with new meta-hyperparameters
+        policy = (folder / "pbt_global.txt").read_text().splitlines() if (folder / "pbt_global.txt").exists() else []
+        assert policy, "PBT never exploited a checkpoint"
+        old, new = json.loads(policy[0])[-2:]
+        assert (old["train.meta_lr"], old["train.unroll"]) != (new["train.meta_lr"], new["train.unroll"])
+        assert all(json.loads(line)[-1]["train.unroll"] in (4, 5) for line in policy)  # choices stay choices
 
 
 def test_a_killed_search_resumes_from_its_checkpoints(ray_cluster, tmp_path):

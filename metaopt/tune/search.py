@@ -139,9 +139,13 @@ def _scheduler(space: SearchSpace):
         return ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=search.grace_period,
                              reduction_factor=search.reduction_factor)
     if search.scheduler == "pbt":
+        from ray.tune.search.sample import Categorical
+
+        # A list makes PBT move to a neighbouring choice; a choice domain would be scaled by 0.8/1.2 instead.
+        mutations = {k: (d.categories if isinstance(d, Categorical) else d) for k, d in space.mutations.items()}
         return PopulationBasedTraining(time_attr="training_iteration",
                                        perturbation_interval=space.spec.pbt.perturbation_interval,
-                                       hyperparam_mutations=space.mutations)
+                                       hyperparam_mutations=mutations)
     return FIFOScheduler()
 
 

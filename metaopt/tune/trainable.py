@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ def meta_train_trial(sample: dict[str, Any], space: SearchSpace) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint in the driver's log
     config = space.trial_config(sample)
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    # Scratch space: a restarted trial (resumed search, PBT exploit) continues from Tune's checkpoint,
+    # and checkpoints a killed run left here past it would be pruned in favour of the new ones.
+    shutil.rmtree(run_dir, ignore_errors=True)
     with gradient_source(config) as workers:
         trainer = MetaTrainer(config, run_dir, gradient_source=workers)
         if checkpoint := tune.get_checkpoint():
