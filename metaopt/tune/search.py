@@ -207,14 +207,20 @@ def run_search(space: SearchSpace, folder: Path | None = None, address: str | No
         if not finished:
             errors = "; ".join(f"{r.path}: {type(r.error).__name__}: {r.error}" for r in grid if r.error)[:2000]
             raise RuntimeError(f"no trial of the search reported a checkpoint ({errors or 'no errors recorded'})")
-        best = min(finished, key=lambda r: min(m[METRIC] for _, m in r.best_checkpoints))
-        checkpoint, metrics = min(best.best_checkpoints, key=lambda cm: cm[1][METRIC])
+        best = min(finished, key=lambda r: min(_score(m) for _, m in r.best_checkpoints))
+        checkpoint, metrics = min(best.best_checkpoints, key=lambda cm: _score(cm[1]))
         comparison = _compare_best(space, folder, best.config, Path(checkpoint.path), len(results), show_progress)
     outcome = SearchOutcome(folder, results, folder / "best" / "checkpoints" / "best", float(metrics[METRIC]),
                             comparison)
     if parent:
         _track_outcome(space, parent, outcome, best.metrics["trial_id"], metrics)
     return outcome
+
+
+def _score(metrics: dict) -> float:
+    """A report's validation loss, with a diverged (NaN) one ranked last."""
+    loss = float(metrics[METRIC])
+    return loss if not math.isnan(loss) else math.inf
 
 
 def _compare_best(space: SearchSpace, folder: Path, sample: dict, checkpoint: Path, trials: int,
