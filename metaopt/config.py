@@ -331,13 +331,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return validate_config(apply_overrides(data, overrides or []), source=str(path))
 
 
-def validate_config(data: dict, source: str = "config") -> Config:
-    """Validate a config mapping, turning pydantic's errors into one readable ``ConfigError``."""
+def validate_config(data: dict, source: str = "config", heading: str | None = None) -> Config:
+    """Validate a config mapping, turning pydantic's errors into one readable ``ConfigError``
+    (headed ``invalid config SOURCE``, or ``heading``)."""
     try:
         return Config.model_validate(data)
     except ValidationError as error:
         lines = [_describe(err) for err in error.errors()]
-        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError((heading or f"invalid config {source}") + ":\n  " + "\n  ".join(lines)) from None
 
 
 def _describe(err: dict) -> str:

@@ -91,16 +91,16 @@ def trial_resources(space: SearchSpace) -> tune.PlacementGroupFactory:
     """The trial's learner bundle, plus one bundle per RolloutWorker when trials meta-train on Ray;
     fails before any trial starts when the cluster cannot host one trial."""
     search, config = space.spec.search, space.config
+    cluster = ray.cluster_resources()
     bundles: list[dict[str, float]] = [{"CPU": search.trial_cpus}]
     if config.distributed is None:
         if search.trial_gpus:
             bundles[0]["GPU"] = search.trial_gpus
     else:
         dist = config.distributed
-        gpus = WorkerGroup._num_gpus(dist, ray.cluster_resources())
+        gpus = WorkerGroup._num_gpus(dist, cluster)
         space.base["distributed"]["num_gpus"] = gpus  # what the trial's workers ask for is what is reserved
         bundles += [{"CPU": dist.num_cpus, **({"GPU": gpus} if gpus else {})} for _ in range(dist.workers)]
-    cluster = ray.cluster_resources()
     for resource in ("CPU", "GPU"):
         need, have = sum(b.get(resource, 0.0) for b in bundles), cluster.get(resource, 0.0)
         if need > have:

@@ -25,7 +25,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from metaopt.config import (
-    Config, ConfigError, StrictModel, _describe, read_yaml_mapping, set_path, validate_config,
+    Config, ConfigError, StrictModel, read_yaml_mapping, set_path, validate_config,
 )
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint", "lograndint")
@@ -122,12 +122,8 @@ class SearchSpace:
             set_path(data, key, value.item() if hasattr(value, "item") else value)
         return data
 
-    def _validate(self, data: dict, where: str) -> Config:
-        try:
-            return Config.model_validate(data)
-        except ValidationError as error:
-            lines = [_describe(err) for err in error.errors()]
-            raise ConfigError(f"{self.source}: {where} makes the config invalid:\n  " + "\n  ".join(lines)) from None
+    def _validate(self, data: dict, where: str, verdict: str = "makes the config invalid") -> Config:
+        return validate_config(data, heading=f"{self.source}: {where} {verdict}")
 
     def _domain(self, where: str, key: str, value: Any):
         """A Tune domain from ``{choice: [...]}`` / ``{uniform|loguniform|randint|lograndint: [lo, hi]}``,
@@ -154,10 +150,7 @@ class SearchSpace:
                 raise ConfigError(f"{self.source}: {where}: {kind} needs integer bounds, got {args!r}")
             values = [low, high - 1 if kind.endswith("randint") else high]
         for candidate in values:
-            try:
-                self._validate(self._applied({key: candidate}), f"{where} = {candidate!r}")
-            except ConfigError as error:
-                raise ConfigError(str(error).replace(" makes the config invalid", " is not a valid value")) from None
+            self._validate(self._applied({key: candidate}), f"{where} = {candidate!r}", "is not a valid value")
         if kind == "choice":
             return tune.choice(values)
         return getattr(tune, kind)(*args)
