@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray.exceptions import ActorUnavailableError
 
 from metaopt.cli import main as metaopt_main
 from metaopt.config import ConfigError, validate_config
@@ -99,35 +100,58 @@ def kill_once_busy(pid: int, busy_ticks: int = 5) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def test_a_worker_killed_mid_unroll_is_restarted_and_the_run_finishes(ray_cluster, tmp_path):
-    cfg = config(distributed={"workers": 2, "max_restarts": 2}, task={"kind": "quadratic", "dim": 100},
-                 meta_steps=8, batch_size=64, unroll=10, episode_length=20, checkpoint_every=4)
-    killed = []
+def wait_for_restart(group, deadline_s: float = 180.0) -> list[int]:
+    """The live workers' PIDs once Ray has restarted the dead one (it answers again)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return group.worker_pids()
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Ray did not restart the killed worker within {deadline_s:.0f} s") from None
+            time.sleep(0.2)
 
-    def kill_during_next_step(meta_step: int, metrics: dict) -> None:
-        if meta_step == 3:
-            # A real SIGKILL of worker 0's process once it is busy with meta-step 4's unroll (it
-            # idles between meta-steps, so CPU time only accrues while it computes).
-            threading.Thread(target=kill_once_busy, args=(group_pids[0],), daemon=True).start()
-            killed.append(group_pids[0])
+
+def test_a_worker_killed_mid_unroll_rejoins_until_ray_runs_out_of_restarts(ray_cluster, tmp_path):
+    cfg = config(distributed={"workers": 2, "max_restarts": 1}, task={"kind": "quadratic", "dim": 100},
+                 meta_steps=10, batch_size=64, unroll=10, episode_length=20, checkpoint_every=5)
+    seen = {"killed": []}
+
+    def kill_mid_unroll(pid: int) -> None:
+        # A real SIGKILL of the worker's process once it is busy with the next meta-step's unroll
+        # (it idles between meta-steps, so CPU time only accrues while it computes).
+        threading.Thread(target=kill_once_busy, args=(pid,), daemon=True).start()
+        seen["killed"].append(pid)
+
+    def on_metrics(meta_step: int, metrics: dict) -> None:
+        if meta_step == 2:
+            kill_mid_unroll(group.worker_pids()[0])
+        elif len(seen["killed"]) == 1 and metrics["worker_failures"] == 1 and "restarted_pid" not in seen:
+            seen["restarted_pid"], seen["other_pid"] = wait_for_restart(group)
+        elif "restarted_pid" in seen and "rejoined_at" not in seen and metrics["workers_reporting"] == 2:
+            seen["rejoined_at"] = meta_step  # the restarted worker's share counts again
+            kill_mid_unroll(seen["restarted_pid"])  # max_restarts=1: this death is final
 
     with ray_workers(cfg, ray_cluster.address) as group:
-        group_pids = group.worker_pids()
+        first_pids = group.worker_pids()
         trainer = MetaTrainer(cfg, tmp_path / "run", gradient_source=group)
-        trainer.train(show_progress=False, on_metrics=kill_during_next_step)
-        restarted_pids = group.worker_pids()
-    assert trainer.meta_step == 8
-    assert trainer.history[-1]["worker_failures"] >= 1
-    assert trainer.history[-1]["workers_alive"] == 2
-    assert restarted_pids[0] != killed[0] and restarted_pids[1] == group_pids[1]
-    assert (tmp_path / "run" / "checkpoints" / "meta_step_000008" / "spec.json").exists()
+        trainer.train(show_progress=False, on_metrics=on_metrics)
+        final_pids = group.worker_pids()
+    assert seen["restarted_pid"] != first_pids[0] and seen["other_pid"] == first_pids[1]
+    assert seen["rejoined_at"] < 10 and trainer.meta_step == 10
+    last = trainer.history[-1]
+    assert last["worker_failures"] == 2 and last["workers_alive"] == 1 and last["workers_reporting"] == 1
+    assert final_pids == [first_pids[1]]
+    assert (tmp_path / "run" / "checkpoints" / "meta_step_000010" / "spec.json").exists()
 
 
 def test_resume_on_ray_continues_exactly(ray_cluster, tmp_path):
-    straight = train_on_ray(config(distributed={"workers": 2}, meta_steps=6), tmp_path / "straight", ray_cluster.address)
-    train_on_ray(config(distributed={"workers": 2}, meta_steps=4), tmp_path / "cut", ray_cluster.address)
-    resumed = train_on_ray(config(distributed={"workers": 2}, meta_steps=6), tmp_path / "cut", ray_cluster.address,
-                           resume=tmp_path / "cut")
+    cfg = config(distributed={"workers": 2}, meta_steps=6)
+    straight = train_on_ray(cfg, tmp_path / "straight", ray_cluster.address)
+    # Its meta-step 4 checkpoint is where a run cut there would stop; new workers continue from it.
+    resumed = train_on_ray(cfg, tmp_path / "resumed", ray_cluster.address,
+                           resume=tmp_path / "straight" / "checkpoints" / "meta_step_000004")
+    assert resumed.history[0]["meta_step"] == 5
     for name, value in straight.meta_params.items():
         torch.testing.assert_close(resumed.meta_params[name], value, rtol=0, atol=0)
 

@@ -127,7 +127,7 @@ def test_hnn_seed_every_meta_param_gets_meta_gradient(preprocess: bool):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}],
+    [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}, {"normalize": True}],
 )
 def test_phnn_every_meta_param_gets_meta_gradient(options: dict):
     optimizer = PHNN(**options)
@@ -191,6 +191,24 @@ def test_phnn_starts_as_heavy_ball(options: dict, lr: float, momentum: float):
     phnn, _ = unroll(optimizer, optimizer.init_meta_params(0), steps=50)
     heavy_ball, _ = unroll(Momentum(lr, momentum), {}, steps=50)
     torch.testing.assert_close(phnn, heavy_ball, rtol=1e-5, atol=1e-5)
+
+
+def test_phnn_normalize_starts_as_heavy_ball_on_rms_normalised_gradients():
+    optimizer = PHNN(normalize=True, rms_decay=0.99)
+    meta_params = optimizer.init_meta_params(0)
+    grads = [torch.randn(3, 5) * scale for scale in (1e-3, 1.0, 10.0)]
+    state, momentum = optimizer.init_state(grads[0]), Momentum(0.01, 0.9)
+    momentum_state, v = momentum.init_state(grads[0]), torch.zeros(3, 5)
+    for step, g in enumerate(grads):
+        updates, state = optimizer.update(meta_params, g, state, step)
+        v = 0.99 * v + 0.01 * g * g
+        expected, momentum_state = momentum.update({}, g / ((v / (1 - 0.99 ** (step + 1))).sqrt() + 1e-8),
+                                                   momentum_state, step)
+        torch.testing.assert_close(updates, expected)
+    # Scale-free: the same gradients 1000× larger give the same steps.
+    scaled, _ = optimizer.update(meta_params, 1e3 * grads[1], optimizer.init_state(grads[1]), 0)
+    first, _ = optimizer.update(meta_params, grads[1], optimizer.init_state(grads[1]), 0)
+    torch.testing.assert_close(scaled, first)
 
 
 def test_phnn_leapfrog_differs_from_semi_implicit_euler():

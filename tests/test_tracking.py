@@ -15,7 +15,7 @@ from metaopt.config import validate_config
 from metaopt.meta import MetaTrainer
 from metaopt.tracking import RegistryError, RunTracker
 from metaopt.tracking.registry import resolve_checkpoint
-from conftest import REPO_ROOT, MlflowServer
+from conftest import REPO_ROOT
 
 TINY = ["--set", "train.meta_steps=4", "--set", "train.eval_every=2", "--set", "train.batch_size=8",
         "--set", "train.eval_runs=4", "--set", "evaluate.runs=5", "--set", "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
@@ -138,11 +138,9 @@ def test_the_embedded_sqlite_store_needs_no_server(tmp_path, monkeypatch, capsys
     assert losses[-1] < losses[0]
 
 
-def test_a_server_that_goes_down_mid_run_loses_nothing(tmp_path):
-    """Stops a real mlflow server by PID mid-run, restarts it, and replays the buffered writes."""
-    server = MlflowServer(tmp_path / "server")
-    (tmp_path / "server").mkdir()
-    server.start()
+def test_a_server_that_goes_down_mid_run_loses_nothing(mlflow_server, tmp_path):
+    """Stops the real mlflow server by PID mid-run, restarts it, and replays the buffered writes."""
+    server = mlflow_server
     config = validate_config({
         "task": {"kind": "quadratic"}, "optimizer": {"kind": "phnn"}, "device": "cpu",
         "train": {"meta_steps": 8, "unroll": 5, "episode_length": 10, "batch_size": 4, "eval_every": 4,
@@ -171,7 +169,8 @@ def test_a_server_that_goes_down_mid_run_loses_nothing(tmp_path):
         assert [m.step for m in client.get_metric_history(tracker.run_id, "meta_loss")] == list(range(1, 9))
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
     finally:
-        server.stop()
+        if server.process is None:  # the session's server: up again for the tests after this one
+            server.start()
 
 
 def test_a_refused_write_is_skipped_and_never_blocks_later_ones(tmp_path):

@@ -6,8 +6,10 @@ current meta-parameters are put in the object store once as a flat float32 array
 worker reads them from there:
 
 - ``sync``: every worker estimates on its share; the learner averages what comes back. A worker
-  that dies mid-unroll is restarted by Ray (``max_restarts``) and its share is skipped for that
-  meta-step, so the learner never waits on it.
+  that dies mid-unroll is restarted by Ray (``max_restarts``) and its share is skipped until it
+  answers again (a non-blocking probe), so the learner never waits on it; once Ray has no restarts
+  left for it (``ActorDiedError``, as opposed to the temporary ``ActorUnavailableError``) it is
+  dropped.
 - ``async``: workers run continuously; each meta-step applies the first gradient to arrive and
   hands that worker the new meta-parameters. A gradient computed from meta-parameters more than
   ``max_staleness`` meta-steps old is dropped and counted.
@@ -24,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 from metaopt.config import Config, ConfigError
 from metaopt.distributed.worker import RolloutWorker, flatten, unflatten
@@ -32,8 +34,8 @@ from metaopt.meta.estimators import Estimate
 from metaopt.optimizers import MetaParams
 from metaopt.tasks import task_data
 
-# A worker failing this many meta-steps in a row is given up on (Ray has run out of restarts).
-MAX_CONSECUTIVE_FAILURES = 3
+# How long the learner pauses when every live worker is restarting, before asking again.
+RESTART_POLL_SECONDS = 0.2
 
 
 class WorkerGroup:
@@ -56,8 +58,8 @@ class WorkerGroup:
         self.template = config.optimizer.build().init_meta_params(config.train.seed)
         self.version = 0  # meta-parameter broadcasts so far
         self.episodes = [0] * dist.workers  # each worker's latest episode, to continue after a restart
-        self.needs_resync: set[int] = set()
-        self.consecutive_failures = [0] * dist.workers
+        self.down: set[int] = set()  # last call failed: restarting, or restarted and due a fresh episode
+        self.probes: dict[int, ray.ObjectRef] = {}  # down worker -> a pid() call that answers once it is back
         self.last_nonfinite: set[int] = set()
         self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # async: ref -> (worker, version)
         self.idle = set(self.alive)
@@ -107,10 +109,13 @@ class WorkerGroup:
         """Every live worker's carried optimizees (None for one that is restarting: it starts afresh)."""
         states = []
         for index in self.alive:
+            if index in self.down:
+                states.append(None)
+                continue
             try:
                 states.append(ray.get(self.workers[index].state_dict.remote()))
             except RayActorError:
-                self.needs_resync.add(index)
+                self._mark_down(index)
                 states.append(None)
         return {"workers": states, "alive": list(self.alive)}
 
@@ -126,12 +131,42 @@ class WorkerGroup:
 
     # --- internals ------------------------------------------------------------------------------
 
+    def _mark_down(self, index: int) -> None:
+        if index not in self.down:  # a new failure, not a call made while Ray restarts it
+            self.failures += 1
+            self.down.add(index)
+
+    def _drop(self, index: int) -> None:
+        """Give up on a worker Ray has no restarts left for."""
+        self.alive.remove(index)
+        self.idle.discard(index)
+        if not self.alive:
+            raise RuntimeError(
+                "every Ray RolloutWorker died and could not be restarted; see the worker logs "
+                "(ray logs, or the job's log) and raise distributed.max_restarts if they were preempted")
+
+    def _ready(self, index: int) -> bool:
+        """Whether worker ``index`` can take work now; never blocks. A worker that failed is asked
+        for its PID, and takes work again once Ray has restarted it and it answers."""
+        if index not in self.down:
+            return True
+        if index not in self.probes:
+            self.probes[index] = self.workers[index].pid.remote()
+        ready, _ = ray.wait([self.probes[index]], timeout=0)
+        if not ready:
+            return False
+        try:
+            ray.get(self.probes.pop(index))
+        except ActorDiedError:
+            self._drop(index)
+            return False
+        except RayActorError:  # still restarting: ask again next time
+            return False
+        return True
+
     def _submit(self, index: int, params_ref: ray.ObjectRef) -> ray.ObjectRef:
-        worker = self.workers[index]
-        if index in self.needs_resync:  # restarted by Ray: continue with a fresh episode
-            worker.start_episode.remote(self.episodes[index] + 1)
-            self.needs_resync.discard(index)
-        ref = worker.compute.remote(params_ref, self.version)
+        fresh_episode = self.episodes[index] + 1 if index in self.down else None
+        ref = self.workers[index].compute.remote(params_ref, self.version, fresh_episode)
         self.in_flight[ref] = (index, self.version)
         return ref
 
@@ -140,36 +175,33 @@ class WorkerGroup:
         index, _ = self.in_flight.pop(ref)
         try:
             result = ray.get(ref)
-        except RayActorError:
-            self.failures += 1
-            self.consecutive_failures[index] += 1
-            self.needs_resync.add(index)
-            if self.consecutive_failures[index] >= MAX_CONSECUTIVE_FAILURES:
-                self.alive.remove(index)
-                self.idle.discard(index)
-                if not self.alive:
-                    raise RuntimeError(
-                        "every Ray RolloutWorker died and could not be restarted; see the worker logs "
-                        "(ray logs, or the job's log) and raise distributed.max_restarts if they were preempted"
-                    ) from None
+        except RayActorError as error:
+            self._mark_down(index)
+            if isinstance(error, ActorDiedError):  # Ray has no restarts left for it
+                self._drop(index)
             return None
-        self.consecutive_failures[index] = 0
+        self.down.discard(index)
         self.episodes[index] = result["episode"]
         result["worker"] = index
         return result
 
     def _gather_sync(self, params_ref: ray.ObjectRef) -> list[dict]:
         while True:
-            refs = [self._submit(i, params_ref) for i in list(self.alive)]
+            refs = [self._submit(i, params_ref) for i in list(self.alive) if self._ready(i)]
             results = [r for r in (self._collect(ref) for ref in refs) if r is not None]
-            if results:  # the shares of workers that died are skipped this meta-step
+            if results:  # the shares of workers that died or are restarting are skipped this meta-step
                 return results
+            time.sleep(RESTART_POLL_SECONDS)  # every live worker is restarting
 
     def _next_async(self, params_ref: ray.ObjectRef) -> dict:
         while True:
             for index in sorted(self.idle & set(self.alive)):
-                self._submit(index, params_ref)
-            self.idle.clear()
+                if self._ready(index):
+                    self._submit(index, params_ref)
+                    self.idle.discard(index)
+            if not self.in_flight:  # every live worker is restarting
+                time.sleep(RESTART_POLL_SECONDS)
+                continue
             [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
             index, _ = self.in_flight[ref]
             result = self._collect(ref)
@@ -190,6 +222,7 @@ class WorkerGroup:
         self.last_nonfinite = {r["worker"] for r in results if not r["finite"]}
         stats = {
             "workers_alive": float(len(self.alive)),
+            "workers_reporting": float(len(results)),
             "worker_failures": float(self.failures),
             "worker_steps_per_s": float(np.mean([r["optimizee_steps"] / r["seconds"] for r in results])),
             "straggler_ratio": max(seconds) / statistics.median(seconds),

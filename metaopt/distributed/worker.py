@@ -67,9 +67,15 @@ class RolloutWorker:
             return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         return resolve_device(device)
 
-    def compute(self, flat_meta_params: np.ndarray, version: int) -> dict:
-        """One truncation's meta-gradient for the broadcast meta-parameters of ``version``."""
+    def compute(self, flat_meta_params: np.ndarray, version: int, fresh_episode: int | None = None) -> dict:
+        """One truncation's meta-gradient for the broadcast meta-parameters of ``version``.
+
+        ``fresh_episode``: first continue at this new episode (after a restart, so no optimizee
+        share is repeated).
+        """
         started = time.perf_counter()
+        if fresh_episode is not None:
+            self.estimator.episode, self.estimator.state = fresh_episode, None
         meta_params = unflatten(flat_meta_params, self.template, self.device)
         estimate = self.estimator.estimate(meta_params)
         grad = flatten(estimate.grads)
@@ -85,10 +91,6 @@ class RolloutWorker:
 
     def reset_episode(self) -> None:
         self.estimator.reset_episode()
-
-    def start_episode(self, episode: int) -> None:
-        """Continue at a fresh ``episode`` (after a restart, so no optimizee share is repeated)."""
-        self.estimator.episode, self.estimator.state = episode, None
 
     def state_dict(self) -> dict:
         return to_device(self.estimator.state_dict(), torch.device("cpu"))

@@ -10,7 +10,6 @@ import torch
 
 from metaopt.config import Config, OptimizerConfig, resolve_device
 from metaopt.evaluate.harness import Candidate, Result, compare, rollout_losses
-from metaopt.evaluate.report import write_report
 from metaopt.meta.checkpoint import load_checkpoint
 from metaopt.tasks import make_task
 
@@ -53,6 +52,8 @@ def run_evaluation(
         sweep_runs=evaluation.sweep_runs,
         show_progress=show_progress,
     )
+    from metaopt.evaluate.report import write_report  # pandas and matplotlib: not on Ray workers' import path
+
     title = title or f"{config.task.kind}: loss after {evaluation.steps} steps over {evaluation.runs} held-out runs"
     table = write_report(results, output_dir, title)
     return results, table

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -152,6 +151,8 @@ class MetaTrainer:
 
     def save(self, name: str | None = None) -> Path:
         """Checkpoint everything needed to continue exactly, and the metrics so far."""
+        import pandas as pd  # here, not at the top: Ray workers import this module and never write metrics
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(self.history).to_parquet(self.run_dir / "metrics.parquet", index=False)
         return save_checkpoint(
@@ -195,6 +196,8 @@ class MetaTrainer:
         self.best_heldout = float(state["best_heldout"])
         metrics_file = self.run_dir / "metrics.parquet"
         if metrics_file.exists():
+            import pandas as pd
+
             self.history = [r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step]
 
 

@@ -128,6 +128,10 @@ class PHNN(NetworkOptimizer):
     ``preprocess=False``); every MLP has ``depth`` hidden layers of width ``hidden``; dissipation
     R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
     ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
+    ``normalize`` replaces g by g / (√v̂ + ε) throughout, with v̂ Adam's bias-corrected running mean
+    of g² (decay ``rms_decay``, one more float of state per coordinate): the step then no longer
+    scales with the gradient, so an optimizer meta-trained where gradients are small carries over
+    to where they are large (sigmoid to ReLU networks).
 
     ``semi_implicit_euler``: p' = p + h·(−R·∂H/∂p(p) + u), Δθ = h·read(∂H/∂p(p')).
     ``leapfrog``: p½ = p + h/2·(−R·∂H/∂p(p) + u), Δθ = h·read(∂H/∂p(p½)),
@@ -161,6 +165,8 @@ class PHNN(NetworkOptimizer):
         port: PortChoice = "learned",
         integrator: Integrator = "semi_implicit_euler",
         state_features: bool = False,
+        normalize: bool = False,
+        rms_decay: float = 0.999,
     ):
         for name, value, allowed in (
             ("hamiltonian", hamiltonian, ("learned", "quadratic")),
@@ -173,6 +179,8 @@ class PHNN(NetworkOptimizer):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if init_lr <= 0 or not 0 <= init_momentum <= 1:
             raise ValueError("need init_lr > 0 and 0 <= init_momentum <= 1")
+        if not 0 < rms_decay < 1:
+            raise ValueError(f"rms_decay must be in (0, 1), got {rms_decay}")
         if state_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"state_dim, hidden and depth must be >= 1, got {state_dim}, {hidden}, {depth}")
         self.state_dim = state_dim
@@ -187,6 +195,8 @@ class PHNN(NetworkOptimizer):
         self.port = port
         self.integrator = integrator
         self.state_features = state_features
+        self.normalize = normalize
+        self.rms_decay = rms_decay
         super().__init__()
 
     def build_network(self) -> nn.Module:
@@ -206,11 +216,19 @@ class PHNN(NetworkOptimizer):
         )
 
     def init_state(self, params: Tensor) -> OptState:
-        return {"p": params.new_zeros(params.shape + (self.state_dim,))}
+        state = {"p": params.new_zeros(params.shape + (self.state_dim,))}
+        if self.normalize:
+            state["v"] = params.new_zeros(params.shape)
+        return state
 
     def update(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
         k = self.state_dim
+        new_state = {}
+        if self.normalize:
+            beta = self.rms_decay
+            new_state["v"] = v = beta * state["v"] + (1 - beta) * grads * grads
+            grads = grads / ((v / (1 - beta ** (step + 1))).sqrt() + 1e-8)
         updates, p = self.apply(meta_params, grads.reshape(-1), state["p"].reshape(-1, k))
-        return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,))}
+        return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,)), **new_state}
