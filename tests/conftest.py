@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+# As metaopt.distributed does, before anything imports ray: under the README's `uv run pytest`, Ray
+# would otherwise start every worker through that uv command line in a copy of the checkout, where
+# the project-local .tools/bin/uv does not exist, and no worker would start.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
