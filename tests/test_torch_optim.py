@@ -47,10 +47,11 @@ def test_untrained_phnn_steps_a_model_exactly_like_torch_sgd_with_momentum():
     assert learned_losses[-1] < 0.85 * learned_losses[0]
 
 
-def test_state_dict_round_trip_resumes_exactly():
+@pytest.mark.parametrize("options", [{}, {"normalize": True}])  # normalize: its RMS state and bias correction
+def test_state_dict_round_trip_resumes_exactly(options):
     model, x, y = model_and_data()
     straight = copy.deepcopy(model)
-    optimizer = phnn_optimizer(model.parameters())
+    optimizer = phnn_optimizer(model.parameters(), **options)
     train(model, optimizer, x, y, steps=5)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -59,12 +60,13 @@ def test_state_dict_round_trip_resumes_exactly():
 
     resumed_model, _, _ = model_and_data(seed=1)  # different weights, overwritten by the checkpoint
     resumed_model.load_state_dict(saved["model"])
-    resumed = phnn_optimizer(resumed_model.parameters())
+    resumed = phnn_optimizer(resumed_model.parameters(), **options)
     resumed.load_state_dict(saved["optimizer"])
     resumed_losses = train(resumed_model, resumed, x, y, steps=5)
 
-    straight_losses = train(straight, phnn_optimizer(straight.parameters()), x, y, steps=10)[5:]
+    straight_losses = train(straight, phnn_optimizer(straight.parameters(), **options), x, y, steps=10)[5:]
     assert resumed_losses == straight_losses
+    assert all(("v" in s) == bool(options) for s in resumed.state_dict()["state"].values())
     assert all(int(s["step"]) == 10 for s in resumed.state_dict()["state"].values())
 
 

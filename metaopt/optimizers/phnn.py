@@ -129,9 +129,8 @@ class PHNN(NetworkOptimizer):
     R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
     ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
     ``normalize`` replaces g by g / (√v̂ + ε) throughout, with v̂ Adam's bias-corrected running mean
-    of g² (decay ``rms_decay``, one more float of state per coordinate): the step then no longer
-    scales with the gradient, so an optimizer meta-trained where gradients are small carries over
-    to where they are large (sigmoid to ReLU networks).
+    of g² (decay ``rms_decay``, one more float of state per coordinate), so the step no longer
+    scales with the gradient's size (meant for carrying an optimizer from sigmoid to ReLU networks).
 
     ``semi_implicit_euler``: p' = p + h·(−R·∂H/∂p(p) + u), Δθ = h·read(∂H/∂p(p')).
     ``leapfrog``: p½ = p + h/2·(−R·∂H/∂p(p) + u), Δθ = h·read(∂H/∂p(p½)),
