@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from jobs.benchmarks import meta_train_memory, meta_train_throughput, optimizer_step
+from jobs.benchmarks.common import off_initialisation
 from jobs.benchmarks.meta_train_throughput import GradientMismatch, benchmark_config, check_same_meta_gradient
 from metaopt.config import validate_config
 from metaopt.meta import MetaTrainer, start_episode, unroll
@@ -25,7 +26,7 @@ def flat(grads):
 @pytest.mark.parametrize("kind", ["phnn", "hnn_seed", "lstm"])
 def test_reference_loop_computes_our_meta_gradient_on_quadratics(kind):
     config = benchmark_config("quadratic", kind, CPU, unroll=3, batch_size=3)
-    meta_params = config.optimizer.build().init_meta_params(0)
+    meta_params = off_initialisation(config.optimizer.build().init_meta_params(0), 0)
     _, _, error = check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5)
     assert error < 1e-4
 
@@ -95,7 +96,7 @@ def test_memory_benchmark_measures_and_cross_checks_checkpointing(tmp_path, mnis
 @pytest.mark.parametrize("second_order", [False, True])
 def test_checkpointed_unroll_gives_the_same_losses_state_and_meta_gradient(kind, second_order):
     family, optimizer = Quadratic(), make_optimizer(kind)
-    meta_params = {k: v.requires_grad_(True) for k, v in optimizer.init_meta_params(0).items()}
+    meta_params = {k: v.requires_grad_(True) for k, v in off_initialisation(optimizer.init_meta_params(0), 0).items()}
     state = start_episode(family.sample(optimizee_seeds(0, 4, "meta_train")), optimizer)
     results = []
     for checkpoint_steps in (0, 3):  # 10 steps: chunks of 3, 3, 3, 1

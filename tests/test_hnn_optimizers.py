@@ -121,8 +121,14 @@ def assert_all_meta_gradients(grads: dict[str, Tensor]):
 
 @pytest.mark.parametrize("preprocess", [True, False])
 def test_hnn_seed_every_meta_param_gets_meta_gradient(preprocess: bool):
+    """The zero read-out W_out learns from the start and gates the rest; after one signed meta-step
+    every meta-parameter (G, M and the state read-out too, which the original never trained) learns."""
     optimizer = HNNSeed(preprocess=preprocess)
-    assert_all_meta_gradients(meta_gradients(optimizer, optimizer.init_meta_params(0)))
+    meta_params = optimizer.init_meta_params(0)
+    first = meta_gradients(optimizer, meta_params)
+    assert_all_meta_gradients({k: v for k, v in first.items() if k.startswith("W_out.")})
+    stepped = {k: v - 0.01 * first[k].sign() for k, v in meta_params.items()}
+    assert_all_meta_gradients(meta_gradients(optimizer, stepped))
 
 
 @pytest.mark.parametrize(

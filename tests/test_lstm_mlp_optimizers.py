@@ -20,9 +20,15 @@ def optimizer(request) -> NetworkOptimizer:
     return FACTORIES[request.param]()
 
 
+def perturbed(meta_params: dict[str, torch.Tensor], scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """``meta_params`` plus seeded noise, so the LSTM's zero read-out does not hide anything."""
+    generator = torch.Generator().manual_seed(0)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in meta_params.items()}
+
+
 def run(optimizer: NetworkOptimizer, grads_per_step: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
     """Updates for a fixed sequence of gradients, starting from a fresh state."""
-    meta_params = optimizer.init_meta_params(seed)
+    meta_params = perturbed(optimizer.init_meta_params(seed))
     state = optimizer.init_state(torch.zeros_like(grads_per_step[0]))
     updates = []
     for step, grads in enumerate(grads_per_step):
@@ -92,10 +98,11 @@ def test_works_under_no_grad(optimizer):
     assert not updates[-1].requires_grad
 
 
-def test_every_meta_param_gets_a_meta_gradient(optimizer):
+def meta_gradients(optimizer: NetworkOptimizer, meta_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta-gradient of the summed losses of a 5-step first-order unroll on 4 quadratics."""
     family = Quadratic(dim=10)
     optimizees = family.sample([0, 1, 2, 3])
-    meta_params = {k: v.requires_grad_(True) for k, v in optimizer.init_meta_params(0).items()}
+    meta_params = {k: v.detach().clone().requires_grad_(True) for k, v in meta_params.items()}
     params = optimizees.params.clone()
     state = optimizer.init_state(params)
     meta_loss = torch.zeros(())
@@ -106,10 +113,26 @@ def test_every_meta_param_gets_a_meta_gradient(optimizer):
         updates, state = optimizer.update(meta_params, grads, state, step)
         params = params + updates
     meta_loss = meta_loss + family.batched_loss(params, optimizees, 5).sum()
-    meta_grads = torch.autograd.grad(meta_loss, list(meta_params.values()))
-    for name, grad in zip(meta_params, meta_grads):
+    return dict(zip(meta_params, torch.autograd.grad(meta_loss, list(meta_params.values()))))
+
+
+def test_every_meta_param_gets_a_meta_gradient(optimizer):
+    """From the initialisation the read-out learns (the LSTM's starts at zero and gates the rest);
+    after one signed meta-step every meta-parameter gets a finite, non-zero meta-gradient."""
+    meta_params = optimizer.init_meta_params(0)
+    first = meta_gradients(optimizer, meta_params)
+    assert all(first[name].abs().sum() > 0 for name in first if name.startswith("head."))
+    stepped = {k: v - 0.01 * first[k].sign() for k, v in meta_params.items()}
+    for name, grad in meta_gradients(optimizer, stepped).items():
         assert torch.isfinite(grad).all(), name
         assert grad.abs().sum() > 0, name
+
+
+def test_untrained_lstm_makes_no_update():
+    lstm = CoordinatewiseLSTM()
+    grads = torch.randn(3, 8)
+    updates, _ = lstm.update(lstm.init_meta_params(0), grads, lstm.init_state(grads), 0)
+    assert torch.equal(updates, torch.zeros_like(grads))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,13 @@ import torch
 DEFAULT_OUTPUT_DIR = Path("runs/benchmarks")
 
 
+def off_initialisation(meta_params: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """``meta_params`` plus seeded Gaussian noise: lstm and hnn_seed start with a zero read-out, which
+    zeroes every other meta-gradient, so gradient checks at the initialisation would compare zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator).to(v.device) for k, v in meta_params.items()}
+
+
 def machine() -> dict:
     """Where the numbers come from."""
     info = {

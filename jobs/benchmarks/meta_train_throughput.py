@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from jobs.benchmarks.common import DEFAULT_OUTPUT_DIR, markdown_table, median, resolve_device, time_calls, write_json
+from jobs.benchmarks.common import (
+    DEFAULT_OUTPUT_DIR, markdown_table, median, off_initialisation, resolve_device, time_calls, write_json,
+)
 from jobs.benchmarks.reference import ReferenceTrainer
 from metaopt.config import Config, apply_overrides, validate_config
 from metaopt.meta import MetaTrainer
@@ -91,7 +93,7 @@ def run(task: str, kind: str, device: torch.device, meta_steps: int, reference_m
         rtol: float, atol_scale: float, mnist_root: str | None = None, batch_size: int | None = None) -> dict:
     """One row: both trainers checked, then timed."""
     config = benchmark_config(task, kind, device, unroll, batch_size, mnist_root)
-    meta_params = config.optimizer.build().init_meta_params(config.train.seed)
+    meta_params = off_initialisation(config.optimizer.build().init_meta_params(config.train.seed), config.train.seed)
     ours, reference, error = check_same_meta_gradient(config, meta_params, device, rtol, atol_scale)
     train = config.train
     per_meta_step = train.unroll * train.batch_size

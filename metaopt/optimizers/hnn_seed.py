@@ -31,6 +31,10 @@ class _HNNSeedNetwork(nn.Module):
         self.D = nn.Linear(2 * d, 2 * d, bias=False)
         self.L = nn.Parameter(torch.eye(d) + 0.01 * torch.randn(d, d))
         self.W_out = nn.Linear(2 * d, 1)
+        # A zero read-out: untrained, no update. torch's random init drifts every coordinate the same
+        # way (q's log-magnitude feature is nearly constant), which kept sigmoid MNIST at chance.
+        nn.init.zeros_(self.W_out.weight)
+        nn.init.zeros_(self.W_out.bias)
         self.W1 = nn.Linear(2 * d, d)
 
     def forward(self, q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,7 +53,8 @@ class HNNSeed(NetworkOptimizer):
     With d = 2 if ``preprocess`` else 1: q̇ = p − D_q, ṗ = (−V(q) − D_p + G(q))·M with
     [D_q, D_p] = D·[V(q), p] and M = L·Lᵀ; the update is ``out_mul`` · W_out·[q̇, q] and the next
     state W₁·[q̇, ṗ] + b₁. G and V have ``depth`` hidden layers of width ``hidden`` (default d, as in
-    the original) with ``activation`` (default ReLU). Meta-parameters: 11d² + 7d + 1 at the defaults,
+    the original) with ``activation`` (default ReLU). W_out starts at zero (untrained: no update).
+    Meta-parameters: 11d² + 7d + 1 at the defaults,
     i.e. 59 with preprocessing (d = 2), 19 without (d = 1); in general 2·(2dm + m + d + (depth − 1)(m² + m))
     + 7d² + 3d + 1 with m = ``hidden``.
     """
