@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from jobs.benchmarks.common import off_initialisation
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer
 from metaopt.optimizers.baselines import Momentum
 from metaopt.optimizers.hnn_seed import HNNSeed
@@ -21,12 +22,6 @@ FACTORIES = {
     "phnn_k3_leapfrog": lambda: PHNN(state_dim=3, state_features=True, integrator="leapfrog"),
 }
 STATE_DIMS = {"hnn_seed": 2, "hnn_seed_raw": 1, "phnn": 1, "phnn_k3_leapfrog": 3}
-
-
-def perturbed(meta_params: MetaParams, seed: int = 0, scale: float = 0.1) -> MetaParams:
-    """``meta_params`` plus seeded noise, so zero-initialised layers do not hide anything."""
-    generator = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in meta_params.items()}
 
 
 def unroll(
@@ -82,7 +77,7 @@ def test_init_meta_params_seeded(name: str):
 @pytest.mark.parametrize("name", FACTORIES)
 def test_coordinatewise(name: str):
     optimizer = FACTORIES[name]()
-    meta_params = perturbed(optimizer.init_meta_params(0))
+    meta_params = off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1)
     generator = torch.Generator().manual_seed(0)
     grads = [torch.randn(3, 6, generator=generator) for _ in range(3)]
     perm = torch.randperm(6, generator=generator)
@@ -100,7 +95,7 @@ def test_coordinatewise(name: str):
 @pytest.mark.parametrize("name", FACTORIES)
 def test_no_grad_matches_grad_mode(name: str):
     optimizer = FACTORIES[name]()
-    meta_params = {k: v.requires_grad_(True) for k, v in perturbed(optimizer.init_meta_params(0)).items()}
+    meta_params = {k: v.requires_grad_(True) for k, v in off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1).items()}
     grads = torch.randn(4, 10)
     state = optimizer.init_state(grads)
     with_grad, next_state = optimizer.update(meta_params, grads, state, 0)
@@ -152,7 +147,7 @@ def test_phnn_every_meta_param_gets_meta_gradient(options: dict):
 def test_phnn_learned_hamiltonian_double_backward():
     """∂H/∂p comes from torch.func.grad; the meta-gradient through it must be the true derivative."""
     optimizer = PHNN(hidden=4)
-    meta_params = {k: v.double() for k, v in perturbed(optimizer.init_meta_params(0)).items()}
+    meta_params = {k: v.double() for k, v in off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1).items()}
     grads = torch.randn(5, dtype=torch.float64)
     state = {"p": torch.randn(5, 1, dtype=torch.float64)}
 

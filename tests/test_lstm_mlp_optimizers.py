@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from jobs.benchmarks.common import off_initialisation
 from metaopt.optimizers.base import NetworkOptimizer
 from metaopt.optimizers.lstm import CoordinatewiseLSTM
 from metaopt.optimizers.mlp import MLPOptimizer
@@ -20,15 +21,10 @@ def optimizer(request) -> NetworkOptimizer:
     return FACTORIES[request.param]()
 
 
-def perturbed(meta_params: dict[str, torch.Tensor], scale: float = 0.1) -> dict[str, torch.Tensor]:
-    """``meta_params`` plus seeded noise, so the LSTM's zero read-out does not hide anything."""
-    generator = torch.Generator().manual_seed(0)
-    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in meta_params.items()}
-
-
 def run(optimizer: NetworkOptimizer, grads_per_step: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
-    """Updates for a fixed sequence of gradients, starting from a fresh state."""
-    meta_params = perturbed(optimizer.init_meta_params(seed))
+    """Updates for a fixed sequence of gradients, starting from a fresh state, off the
+    initialisation (the LSTM's zero read-out would make every update zero)."""
+    meta_params = off_initialisation(optimizer.init_meta_params(seed), 0, scale=0.1)
     state = optimizer.init_state(torch.zeros_like(grads_per_step[0]))
     updates = []
     for step, grads in enumerate(grads_per_step):

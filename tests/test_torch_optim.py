@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from jobs.benchmarks.common import off_initialisation
 from metaopt.optimizers import make_optimizer
 from metaopt.optimizers.torch_optim import LearnedOptimizer
 
@@ -97,9 +98,8 @@ def test_a_scheduler_drives_the_lr_multiplier():
 def test_every_learned_kind_steps_a_model(kind):
     model, x, y = model_and_data()
     learned = make_optimizer(kind)
-    generator = torch.Generator().manual_seed(0)  # lstm and hnn_seed start with a zero read-out (no update)
-    meta_params = {k: v + 0.1 * torch.randn(v.shape, generator=generator)
-                   for k, v in learned.init_meta_params(0).items()}
+    # Off the initialisation: lstm and hnn_seed start with a zero read-out (no update).
+    meta_params = off_initialisation(learned.init_meta_params(0), 0, scale=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     train(model, LearnedOptimizer(model.parameters(), learned, meta_params), x, y, steps=3)
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -16,8 +16,9 @@ DEFAULT_OUTPUT_DIR = Path("runs/benchmarks")
 
 
 def off_initialisation(meta_params: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
-    """``meta_params`` plus seeded Gaussian noise: lstm and hnn_seed start with a zero read-out, which
-    zeroes every other meta-gradient, so gradient checks at the initialisation would compare zeros."""
+    """``meta_params`` plus seeded Gaussian noise (``scale`` · N(0, 1)): lstm and hnn_seed start with a
+    zero read-out, which makes every update and every other meta-gradient zero, so checks of updates or
+    meta-gradients at the initialisation itself would compare zeros (the benchmark's and the tests')."""
     generator = torch.Generator().manual_seed(seed)
     return {k: v + scale * torch.randn(v.shape, generator=generator).to(v.device) for k, v in meta_params.items()}
 
