@@ -170,7 +170,8 @@ def test_batch_must_split_evenly_across_workers():
         config(distributed={"workers": 3})
 
 
-def test_metaopt_train_cli_on_ray(ray_cluster, tmp_path, capsys):
+def test_metaopt_train_cli_on_ray(ray_cluster, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default ./mlflow.db and ./mlruns land here, not in the checkout
     code = metaopt_main([
         "train", str(REPO_ROOT / "jobs/configs/train_quadratic_phnn.yaml"), "--no-progress", "--address",
         ray_cluster.address, "--output", str(tmp_path / "run"), "--set", "train.meta_steps=2",

@@ -162,7 +162,8 @@ def test_only_complete_checkpoints_are_kept(tmp_path):
     assert names == ["best", "meta_step_000008", "meta_step_000009"]  # no .partial-* left behind
 
 
-def test_train_cli_end_to_end_and_evaluate_accepts_the_checkpoint(tmp_path, capsys):
+def test_train_cli_end_to_end_and_evaluate_accepts_the_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default ./mlflow.db and ./mlruns land here, not in the checkout
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(train_config().model_dump(mode="json", exclude_none=True)))
     run = tmp_path / "run"
