@@ -128,7 +128,8 @@ def test_hnn_seed_every_meta_param_gets_meta_gradient(preprocess: bool):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}, {"normalize": True}],
+    [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}, {"normalize": True},
+     {"sign_equivariant": True, "state_dim": 2, "state_features": True}],
 )
 def test_phnn_every_meta_param_gets_meta_gradient(options: dict):
     optimizer = PHNN(**options)
@@ -170,6 +171,7 @@ def test_phnn_learned_hamiltonian_double_backward():
         (PHNN(state_dim=3, hidden=8, state_features=True), 1 + 9 + 7 * 8 + (6 * 8 + 8 * 9 + 9) + (6 * 8 + 48 + 6) + 3),
         (PHNN(depth=2, activation="gelu"), 229 + 3 * (16 * 16 + 16)),
         (PHNN(preprocess=False), 229 - 3 * 16),
+        (PHNN(sign_equivariant=True), 229 - 3 * 16),
         (HNNSeed(hidden=8, depth=2, activation="silu"), 2 * (2 * 2 * 8 + 8 + 2 + (8 * 8 + 8)) + 7 * 4 + 3 * 2 + 1),
     ],
 )
@@ -184,6 +186,7 @@ def test_num_meta_params(optimizer: NetworkOptimizer, count: int):
         {"hamiltonian": "quadratic", "dissipation": "constant", "port": "identity"},
         {},
         {"state_dim": 2, "state_features": True},
+        {"sign_equivariant": True},
     ],
 )
 @pytest.mark.parametrize(("lr", "momentum"), [(0.01, 0.9), (0.005, 0.8)])
@@ -192,6 +195,35 @@ def test_phnn_starts_as_heavy_ball(options: dict, lr: float, momentum: float):
     phnn, _ = unroll(optimizer, optimizer.init_meta_params(0), steps=50)
     heavy_ball, _ = unroll(Momentum(lr, momentum), {}, steps=50)
     torch.testing.assert_close(phnn, heavy_ball, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"preprocess": False}, {"state_dim": 2, "state_features": True},
+     {"integrator": "leapfrog", "normalize": True}],
+)
+def test_phnn_sign_equivariant_flips_with_the_gradient(options: dict):
+    """(g, p) -> (−g, −p) gives exactly (−Δθ, −p'), so a zero gradient on a zero state moves nothing;
+    the same weights without the option push such coordinates one way."""
+    optimizer = PHNN(sign_equivariant=True, **options)
+    meta_params = off_initialisation(optimizer.init_meta_params(0), 0, scale=0.3)
+    grads = torch.randn(4, 6)
+    state = {key: torch.randn_like(value) for key, value in optimizer.init_state(grads).items()}
+    if "v" in state:
+        state["v"] = state["v"].abs()
+    updates, next_state = optimizer.update(meta_params, grads, state, 3)
+    flipped, flipped_state = optimizer.update(meta_params, -grads, {**state, "p": -state["p"]}, 3)
+    assert updates.abs().min() > 0
+    torch.testing.assert_close(flipped, -updates, rtol=0, atol=0)
+    torch.testing.assert_close(flipped_state["p"], -next_state["p"], rtol=0, atol=0)
+
+    zeros = torch.zeros(8)
+    still, _ = optimizer.update(meta_params, zeros, optimizer.init_state(zeros), 0)
+    assert (still == 0).all()
+    plain = PHNN(**options)
+    drift, _ = plain.update(off_initialisation(plain.init_meta_params(0), 0, scale=0.3), zeros,
+                            plain.init_state(zeros), 0)
+    assert drift.abs().min() > 1e-4
 
 
 def test_phnn_normalize_starts_as_heavy_ball_on_rms_normalised_gradients():

@@ -53,10 +53,11 @@ class _PHNNNetwork(nn.Module):
         learned_port: bool,
         state_features: bool,
         leapfrog: bool,
+        sign_equivariant: bool,
     ):
         super().__init__()
         k = state_dim
-        features = 2 if preprocess else 1
+        features = 2 if preprocess and not sign_equivariant else 1
         inputs = features + (k if state_features else 0)
         h0 = math.sqrt(init_lr)
         r0 = (1.0 - init_momentum) / h0
@@ -64,6 +65,7 @@ class _PHNNNetwork(nn.Module):
         self.state_features = state_features
         self.preprocess = preprocess
         self.leapfrog = leapfrog
+        self.sign_equivariant = sign_equivariant
         self.log_h = nn.Parameter(torch.tensor(math.log(h0)))
         self.A0 = nn.Parameter(math.sqrt(r0) * torch.eye(k))
         # An additive constant in H never moves p, so the energy MLP has no output bias.
@@ -77,20 +79,35 @@ class _PHNNNetwork(nn.Module):
                 self.readout.weight.zero_()
                 self.readout.weight[0, 0] = 1.0
 
+    def features(self, g: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The networks' input features of g [rows] -> [rows, f], and for ``sign_equivariant`` the odd
+        factor [rows] that carries g's sign (the features themselves are then even in g)."""
+        f = log_sign_preprocess(g) if self.preprocess else g[:, None]
+        if not self.sign_equivariant:
+            return f, None
+        if self.preprocess:
+            return f[:, :1], f[:, 1]
+        return g.abs()[:, None], torch.sign(g)
+
     def energy(self, p: Tensor, f: Tensor) -> Tensor:
-        """H(p, f) per row: ½‖p‖² plus the learned correction."""
+        """H(p, f) per row: ½‖p‖² plus the learned correction (made even in p for ``sign_equivariant``)."""
         kinetic = 0.5 * (p * p).sum(-1)
         if self.hamiltonian is None:
             return kinetic
-        return kinetic + self.hamiltonian(torch.cat([p, f], dim=-1)).squeeze(-1)
+        correction = self.hamiltonian(torch.cat([p, f], dim=-1)).squeeze(-1)
+        if self.sign_equivariant:
+            correction = 0.5 * (correction + self.hamiltonian(torch.cat([-p, f], dim=-1)).squeeze(-1))
+        return kinetic + correction
 
     def energy_grad(self, p: Tensor, f: Tensor) -> Tensor:
         """∂H/∂p per row (rows are independent, so the gradient of the summed energy is per row)."""
         return torch.func.grad(lambda p_: self.energy(p_, f).sum())(p)
 
-    def rate(self, g: Tensor, f: Tensor, p: Tensor, dh_dp: Tensor) -> Tensor:
+    def rate(self, g: Tensor, f: Tensor, odd: Tensor | None, p: Tensor, dh_dp: Tensor) -> Tensor:
         """ṗ = −R·∂H/∂p + u with R = A·Aᵀ and the port force u."""
-        inputs = torch.cat([f, p], dim=-1) if self.state_features else f
+        inputs = f
+        if self.state_features:
+            inputs = torch.cat([f, p if odd is None else p.abs()], dim=-1)
         a = self.A0
         if self.dissipation is not None:
             a = a + self.dissipation(inputs).reshape(-1, self.state_dim, self.state_dim)
@@ -100,6 +117,8 @@ class _PHNNNetwork(nn.Module):
             force = -g[:, None]
         else:
             gain, offset = self.port(inputs).chunk(2, dim=-1)
+            if odd is not None:
+                offset = offset * odd[:, None]
             force = -(g[:, None] * (1 + gain) + offset)
         return force - damping
 
@@ -110,14 +129,14 @@ class _PHNNNetwork(nn.Module):
         return self.readout(dh_dp).squeeze(-1)
 
     def forward(self, g: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        f = log_sign_preprocess(g) if self.preprocess else g[:, None]
+        f, odd = self.features(g)
         h = self.log_h.exp()
         if not self.leapfrog:
-            p_next = p + h * self.rate(g, f, p, self.energy_grad(p, f))
+            p_next = p + h * self.rate(g, f, odd, p, self.energy_grad(p, f))
             return h * self.read(self.energy_grad(p_next, f)), p_next
-        p_half = p + 0.5 * h * self.rate(g, f, p, self.energy_grad(p, f))
+        p_half = p + 0.5 * h * self.rate(g, f, odd, p, self.energy_grad(p, f))
         dh_dp_half = self.energy_grad(p_half, f)
-        p_next = p_half + 0.5 * h * self.rate(g, f, p_half, dh_dp_half)
+        p_next = p_half + 0.5 * h * self.rate(g, f, odd, p_half, dh_dp_half)
         return h * self.read(dh_dp_half), p_next
 
 
@@ -128,6 +147,11 @@ class PHNN(NetworkOptimizer):
     ``preprocess=False``); every MLP has ``depth`` hidden layers of width ``hidden``; dissipation
     R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
     ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
+    ``sign_equivariant`` makes the step flip with the gradient: (g, p) -> (−g, −p) gives (−Δθ, −p').
+    The MLPs then see only even features (log|g|; |g| without ``preprocess``; |p| for
+    ``state_features``), the port's offset is multiplied by sign g (e^10·g below e^-10), and the
+    learned energy is averaged over ±p, which costs a second pass through MLP_H. Without it a
+    trained phnn can push coordinates whose gradient is zero one way every step.
     ``normalize`` replaces g by g / (√v̂ + ε) throughout, with v̂ Adam's bias-corrected running mean
     of g² (decay ``rms_decay``, one more float of state per coordinate), so the step no longer
     scales with the gradient's size (meant for carrying an optimizer from sigmoid to ReLU networks).
@@ -141,11 +165,12 @@ class PHNN(NetworkOptimizer):
     All last layers start at zero, h₀ = √init_lr and A₀ = √((1 − init_momentum)/h₀)·I, so at
     initialisation it is exactly heavy ball: lr = h², momentum = 1 − h·R, p = −h·buf.
 
-    Meta-parameters, with m = ``hidden``, f = 2 (1 without ``preprocess``), i = f (+ k with
-    ``state_features``) and at depth 1: 1 (log_h) + k² (A₀) + (k + f + 2)·m (learned H, no output
-    bias) + (i + 1)·m + m·k² + k² (learned R) + (i + 1)·m + 2k·m + 2k (learned port) + k (read-out,
-    only for k > 1); each extra hidden layer adds m² + m per learned MLP. 229 at the defaults
-    (k = 1, m = 16, all learned), 2 with everything fixed.
+    Meta-parameters, with m = ``hidden``, f = 2 (1 without ``preprocess`` or with
+    ``sign_equivariant``), i = f (+ k with ``state_features``) and at depth 1: 1 (log_h) + k² (A₀)
+    + (k + f + 2)·m (learned H, no output bias) + (i + 1)·m + m·k² + k² (learned R) + (i + 1)·m
+    + 2k·m + 2k (learned port) + k (read-out, only for k > 1); each extra hidden layer adds m² + m
+    per learned MLP. 229 at the defaults (k = 1, m = 16, all learned), 181 with
+    ``sign_equivariant``, 2 with everything fixed.
     """
 
     kind = "phnn"
@@ -166,6 +191,7 @@ class PHNN(NetworkOptimizer):
         state_features: bool = False,
         normalize: bool = False,
         rms_decay: float = 0.999,
+        sign_equivariant: bool = False,
     ):
         for name, value, allowed in (
             ("hamiltonian", hamiltonian, ("learned", "quadratic")),
@@ -196,6 +222,7 @@ class PHNN(NetworkOptimizer):
         self.state_features = state_features
         self.normalize = normalize
         self.rms_decay = rms_decay
+        self.sign_equivariant = sign_equivariant
         super().__init__()
 
     def build_network(self) -> nn.Module:
@@ -212,6 +239,7 @@ class PHNN(NetworkOptimizer):
             learned_port=self.port == "learned",
             state_features=self.state_features,
             leapfrog=self.integrator == "leapfrog",
+            sign_equivariant=self.sign_equivariant,
         )
 
     def init_state(self, params: Tensor) -> OptState:
