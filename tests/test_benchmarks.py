@@ -68,11 +68,11 @@ def test_throughput_benchmark_writes_its_table_as_json(tmp_path):
 
 def test_optimizer_step_benchmark_writes_its_table_as_json(tmp_path):
     output = tmp_path / "step.json"
-    optimizer_step.main(["--sizes", "10000", "--kinds", "phnn", "--compile", "--device", "cpu", "--repeats", "1",
-                         "--warmup", "1", "--output", str(output)])
+    optimizer_step.main(["--sizes", "10000", "--kinds", "phnn", "hnn_seed", "--compile", "--device", "cpu",
+                         "--repeats", "1", "--warmup", "1", "--output", str(output)])
     rows = json.loads(output.read_text())["rows"]
     names = {row["optimizer"] for row in rows}
-    assert {"adam (foreach)", "phnn"} <= names
+    assert {"adam (foreach)", "phnn", "hnn_seed", "hnn_seed (fused)"} <= names
     phnn = next(row for row in rows if row["optimizer"] == "phnn")
     assert {"step_ms", "time_vs_adam_foreach", "state_mb", "state_vs_adam"} <= set(phnn)
     assert phnn["state_vs_adam"] == pytest.approx(0.5, rel=1e-2)  # one momentum-like float vs Adam's two (and its step counters)

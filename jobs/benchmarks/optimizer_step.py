@@ -4,8 +4,10 @@ Models are stacks of ``nn.Linear(width, width)`` with about 10^4, 10^6 and 10^7 
 fixed random gradients; only ``optimizer.step()`` is timed (median of ``--repeats`` after
 ``--warmup`` steps). The learned optimizers are loaded from checkpoint folders through
 ``metaopt.load_optimizer`` (their untrained initialisation: the cost does not depend on the
-weights). State memory is the bytes of the distinct storages behind ``optimizer.state``; on CUDA
-the peak memory allocated during a step (above the model and its gradients) is reported too.
+weights): rows named by kind run the batched update (``fused=False``), ``KIND (fused)`` rows the
+native one-pass step of kinds that have one (hnn_seed, CPU; ``load_optimizer``'s default where it
+runs). State memory is the bytes of the distinct storages behind ``optimizer.state``; on CUDA the
+peak memory allocated during a step (above the model and its gradients) is reported too.
 
     python -m jobs.benchmarks.optimizer_step [--quick] [--output runs/benchmarks/optimizer_step.json]
 """
@@ -23,7 +25,7 @@ from torch import nn
 import metaopt
 from jobs.benchmarks.common import DEFAULT_OUTPUT_DIR, markdown_table, median, resolve_device, time_calls, write_json
 from metaopt.meta import save_checkpoint
-from metaopt.optimizers import make_optimizer
+from metaopt.optimizers import LEARNED, make_optimizer
 
 # parameters -> (width, layers) of the Linear stack
 MODELS = {10**4: (100, 1), 10**6: (1000, 1), 10**7: (1000, 10)}
@@ -97,7 +99,11 @@ def run(sizes: list[int], kinds: list[str], compiled: list[str], device: torch.d
             builders = {name: (lambda params, options=options: torch.optim.Adam(params, lr=1e-3, **options))
                         for name, options in adam_variants(device).items()}
             for kind in kinds:
-                builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(checkpoints[kind], params)
+                builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(checkpoints[kind], params,
+                                                                                  fused=False)
+                if LEARNED[kind].has_fused_step and device.type == "cpu":
+                    builders[f"{kind} (fused)"] = lambda params, kind=kind: metaopt.load_optimizer(
+                        checkpoints[kind], params, fused=True)
             for kind in compiled:
                 builders[f"{kind} (compiled)"] = lambda params, kind=kind: metaopt.load_optimizer(
                     checkpoints[kind], params, compile=True)

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from metaopt.optimizers.native import FusedUnsupported
+
 OptState = dict[str, Tensor]
 MetaParams = dict[str, Tensor]
 
@@ -28,6 +30,7 @@ class Optimizer(ABC):
 
     kind: ClassVar[str]
     learned: ClassVar[bool] = False
+    has_fused_step: ClassVar[bool] = False
 
     def init_meta_params(self, seed: int = 0) -> MetaParams:
         """The meta-parameters a meta-trainer learns; empty for hand-designed optimizers."""
@@ -42,6 +45,14 @@ class Optimizer(ABC):
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
         """Additive updates for ``grads`` at 0-based ``step`` and the next state."""
+
+    def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
+                   step: int, lr: float) -> None:
+        """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
+        overwritten, in one native pass; for optimizers with ``has_fused_step``. Raises
+        ``FusedUnsupported`` for inputs it does not take (device, dtype) and ``NativeUnavailable``
+        where its kernel cannot be built."""
+        raise FusedUnsupported(f"optimizer {self.kind!r} has no fused step")
 
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this optimizer (JSON-serialisable)."""

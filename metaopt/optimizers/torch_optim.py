@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from metaopt.optimizers.base import MetaParams, Optimizer, OptState
+from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable
 
 STEP = "step"
 
@@ -38,20 +39,33 @@ class LearnedOptimizer(torch.optim.Optimizer):
     work. ``lr`` multiplies the updates (1.0 is the optimizer as meta-trained), so learning-rate
     schedulers and per-group rates work. Per-parameter state lives in ``self.state[p]`` (as views
     into a flat buffer) like any torch optimizer's, so ``state_dict`` / ``load_state_dict``
-    resume a user's training exactly. ``compile=True`` runs the update through ``torch.compile``
-    and falls back to eager, with a warning, where compilation fails.
+    resume a user's training exactly.
+
+    ``fused``, as in ``torch.optim.Adam``: the optimizer's native one-pass step (``fused_step``; hnn_seed
+    on contiguous float32 CPU tensors, built on first use with the system C compiler) in place of the
+    batched update. ``None`` (default) uses it where it takes the tensors, and the batched update
+    elsewhere (CUDA, float64) and, after one warning, everywhere if it cannot be built; ``True``
+    requires it; ``False`` never uses it. ``compile=True``
+    runs the batched update through ``torch.compile`` and falls back to eager, with a warning, where
+    compilation fails.
     """
 
     def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool | None = None):
         if lr <= 0:
             raise ValueError(f"lr must be > 0 (a multiplier on the learned updates, 1.0 as trained); got {lr}")
+        if fused and not optimizer.has_fused_step:
+            raise ValueError(f"fused=True: optimizer {optimizer.kind!r} has no fused step; leave fused unset")
+        if fused and compile:
+            raise ValueError("fused=True and compile=True exclude each other: the fused step is not compiled")
         super().__init__(params, {"lr": lr})
         self.optimizer = optimizer
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
         self._on_device: dict[tuple[torch.device, torch.dtype], MetaParams] = {}
         self._flat: dict[tuple[int, torch.device, torch.dtype], _FlatGroup] = {}
         self._update = torch.compile(optimizer.update) if compile else None
+        self.fused = fused
+        self._use_fused = optimizer.has_fused_step and fused is not False and not compile
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -104,13 +118,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return flat
 
     def _step_flat(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> None:
-        """One batched update of a flat group; its state buffers are overwritten in place."""
+        """One update of a flat group, fused or batched; its state buffers are overwritten in place."""
+        if self._use_fused and self._fused_step(flat, grads, lr, meta_params):
+            flat.steps.add_(1)
+            return
         grad = torch.cat([g.reshape(-1) for g in grads])
         updates, new_state = self._call_update(meta_params, grad, flat.state, int(flat.steps[0]))
         torch._foreach_add_(flat.flat_params, updates.split(flat.sizes), alpha=lr)
         for key, value in new_state.items():
             flat.state[key].copy_(value)
         flat.steps.add_(1)
+
+    def _fused_step(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> bool:
+        """Whether the native step ran. With ``fused=None``, inputs it does not take go to the batched
+        update; a kernel that cannot be built warns once and turns it off."""
+        try:
+            self.optimizer.fused_step(meta_params, flat.flat_params, [g.reshape(-1) for g in grads], flat.state,
+                                      int(flat.steps[0]), float(lr))
+            return True
+        except NativeUnavailable as error:
+            if self.fused:
+                kind = self.optimizer.kind
+                raise RuntimeError(f"fused=True, but the fused {kind} step cannot run: {error}") from error
+            if not isinstance(error, FusedUnsupported):
+                warnings.warn(f"the fused {self.optimizer.kind} step cannot run ({error}); using the batched update")
+                self._use_fused = False
+            return False
 
     def _call_update(self, meta_params: MetaParams, grad: Tensor, state: OptState, step: int):
         if self._update is not None:

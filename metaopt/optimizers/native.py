@@ -1,0 +1,82 @@
+"""Native CPU kernels (``csrc/*.c``) for learned optimizers' steps: compiled on first use with the
+system C compiler (``$CC``, else ``cc``) and cached under ``$METAOPT_CACHE_DIR`` (default
+``~/.cache/metaopt``), the way ``torch.utils.cpp_extension`` caches its builds; loaded with ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+SOURCES = Path(__file__).parent / "csrc"
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-pthread")
+
+
+class NativeUnavailable(RuntimeError):
+    """No native kernel here: no C compiler, or its build failed."""
+
+
+class FusedUnsupported(NativeUnavailable):
+    """The kernel does not take these inputs (device, dtype, layout or network shape)."""
+
+
+_libraries: dict[str, ctypes.CDLL | NativeUnavailable] = {}
+
+
+def cache_dir() -> Path:
+    """``$METAOPT_CACHE_DIR/native``, else ``$XDG_CACHE_HOME/metaopt/native`` or ``~/.cache/metaopt/native``."""
+    if os.environ.get("METAOPT_CACHE_DIR"):
+        return Path(os.environ["METAOPT_CACHE_DIR"]) / "native"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaopt" / "native"
+
+
+def library(name: str) -> ctypes.CDLL:
+    """The compiled ``csrc/{name}.c``; raises ``NativeUnavailable`` (the same one on every later call)
+    where it cannot be built."""
+    if name not in _libraries:
+        try:
+            _libraries[name] = _load(SOURCES / f"{name}.c")
+        except NativeUnavailable as error:
+            _libraries[name] = error
+    found = _libraries[name]
+    if isinstance(found, NativeUnavailable):
+        raise found
+    return found
+
+
+def _machine() -> str:
+    """What ``-march=native`` depends on: the architecture and the CPU's feature flags."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def _load(source: Path) -> ctypes.CDLL:
+    compiler_name = os.environ.get("CC") or "cc"
+    compiler = shutil.which(compiler_name)
+    if compiler is None:
+        raise NativeUnavailable(
+            f"no C compiler {compiler_name!r} on PATH to build {source.name}; install gcc or clang, or set CC")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, version, _machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:  # a truncated or foreign file in the cache: build it again
+            target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    build = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), "-lm"], capture_output=True, text=True)
+    if build.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise NativeUnavailable(f"{compiler} could not build {source.name}:\n{build.stderr.strip()}")
+    os.replace(partial, target)  # atomic: concurrent processes never load a half-written library
+    return ctypes.CDLL(str(target))

@@ -1,0 +1,218 @@
+"""The native fused hnn_seed step (metaopt/optimizers/csrc/hnn_seed_step.c), built for real with the
+system C compiler: it computes the batched update, and where it cannot run it says why."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from jobs.benchmarks.common import off_initialisation
+from metaopt.optimizers import make_optimizer, native
+from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable
+from metaopt.optimizers.torch_optim import LearnedOptimizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = [
+    {},  # the default: log/sign preprocessing (d = 2), hidden = d, ReLU (the kernel's specialised path)
+    {"preprocess": False},  # d = 1, also specialised
+    {"hidden": 16, "depth": 2, "activation": "tanh"},  # the runtime-shaped path from here on
+    {"hidden": 5, "activation": "gelu"},
+    {"preprocess": False, "hidden": 3, "activation": "silu"},
+    {"preprocess_p": 5.0, "out_mul": 0.3},
+]
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty build cache and no library loaded yet in this process."""
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_libraries", {})
+    return tmp_path / "cache" / "native"
+
+
+def trained_like(options: dict, seed: int = 0):
+    """hnn_seed with meta-parameters off the initialisation (its zero read-out makes no update)."""
+    optimizer = make_optimizer("hnn_seed", **options)
+    return optimizer, off_initialisation(optimizer.init_meta_params(seed), seed, scale=0.3)
+
+
+def gradients(sizes: list[int]) -> list[torch.Tensor]:
+    """Magnitudes over 9 decades, both sides of the preprocessing threshold e^-p, and exact zeros."""
+    generator = torch.Generator().manual_seed(1)
+    grads = []
+    for size in sizes:
+        magnitude = torch.logspace(-8, 1, size)[torch.randperm(size, generator=generator)]
+        grads.append(torch.randn(size, generator=generator) * magnitude)
+    grads[0][:5] = 0.0
+    return grads
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_fused_step_computes_the_batched_update(options):
+    optimizer, meta_params = trained_like(options)
+    sizes = [1000, 7, 300, 70_000]  # odd sizes; over 65,536 coordinates, so two threads share the work
+    generator = torch.Generator().manual_seed(2)
+    params = [torch.randn(size, generator=generator) for size in sizes]
+    grads = gradients(sizes)
+    state = {"p": torch.randn(sum(sizes), optimizer.dim, generator=generator)}
+
+    updates, expected_state = optimizer.update(meta_params, torch.cat(grads), state, 0)
+    expected = [p + 0.7 * u for p, u in zip(params, updates.split(sizes))]
+    fused_params, fused_state = [p.clone() for p in params], {"p": state["p"].clone()}
+    optimizer.fused_step(meta_params, fused_params, grads, fused_state, 0, 0.7)
+
+    assert updates.abs().max() > 0.01  # a real update, not the zero read-out
+    for got, want in zip(fused_params, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_state["p"], expected_state["p"], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_is_the_same_on_one_thread_and_two():
+    optimizer, meta_params = trained_like({})
+    grads = gradients([200_000])
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            params, state = [torch.zeros(200_000)], {"p": torch.zeros(200_000, 2)}
+            optimizer.fused_step(meta_params, params, grads, state, 0, 1.0)
+            results.append((params[0], state["p"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def model_and_data(seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3)).to(dtype)
+    return model, torch.randn(64, 8, dtype=dtype), torch.randint(0, 3, (64,))
+
+
+def train(model, optimizer, x, y, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_learned_optimizer_fused_and_batched_train_a_model_alike():
+    optimizer, meta_params = trained_like({})
+    model, x, y = model_and_data()
+    batched_model = copy.deepcopy(model)
+    fused = LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True)
+    fused_losses = train(model, fused, x, y, steps=10)
+    batched = LearnedOptimizer(batched_model.parameters(), optimizer, meta_params, fused=False)
+    batched_losses = train(batched_model, batched, x, y, steps=10)
+    torch.testing.assert_close(fused_losses, batched_losses, rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), batched_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), batched_model.parameters()):
+        torch.testing.assert_close(fused.state[p]["p"], batched.state[q]["p"], rtol=1e-4, atol=1e-4)
+    assert fused_losses[-1] != fused_losses[0]
+
+
+def test_fused_state_dict_round_trip_resumes_exactly():
+    optimizer, meta_params = trained_like({})
+    model, x, y = model_and_data()
+    straight = copy.deepcopy(model)
+    first = LearnedOptimizer(model.parameters(), optimizer, meta_params)
+    train(model, first, x, y, steps=5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model, _, _ = model_and_data(seed=1)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = LearnedOptimizer(resumed_model.parameters(), optimizer, meta_params)
+    resumed.load_state_dict(saved["optimizer"])
+    resumed_losses = train(resumed_model, resumed, x, y, steps=5)
+    straight_losses = train(straight, LearnedOptimizer(straight.parameters(), optimizer, meta_params), x, y, 10)
+    assert resumed_losses == straight_losses[5:]
+
+
+def test_without_a_compiler_the_default_warns_once_and_runs_batched(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    optimizer, meta_params = trained_like({})
+    model, x, y = model_and_data()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="no C compiler 'no-such-compiler'") as caught:
+        losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=3)
+    assert len([w for w in caught if "fused" in str(w.message)]) == 1
+    assert losses == train(reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False),
+                           x, y, steps=3)
+    with pytest.raises(RuntimeError, match="fused=True, but the fused hnn_seed step cannot run: no C compiler"):
+        train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True), x, y, steps=1)
+
+
+def test_a_failing_build_reports_the_compiler_output(fresh_cache, tmp_path, monkeypatch):
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'fatal: out of disk' >&2\nexit 1\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(compiler))
+    with pytest.raises(NativeUnavailable, match="could not build hnn_seed_step.c:\nfatal: out of disk"):
+        native.library("hnn_seed_step")
+    with pytest.raises(NativeUnavailable, match="out of disk"):  # remembered, not rebuilt on every step
+        native.library("hnn_seed_step")
+    assert not list(fresh_cache.glob("*"))  # nothing half-written left in the cache
+
+
+def test_a_corrupt_cached_library_is_rebuilt(fresh_cache):
+    native.library("hnn_seed_step")
+    (built,) = fresh_cache.glob("hnn_seed_step-*.so")
+    built.unlink()  # a new file, not an in-place write: this process still maps the library it loaded
+    built.write_bytes(b"not a shared library")
+    # A fresh process (this one would reuse its loaded copy): it must rebuild, then step.
+    script = ("import torch; from tests.test_fused_step import gradients, trained_like\n"
+              "optimizer, meta_params = trained_like({}); params = [torch.zeros(100)]\n"
+              "optimizer.fused_step(meta_params, params, gradients([100]), {'p': torch.zeros(100, 2)}, 0, 1.0)\n"
+              "print(float(params[0].abs().max()))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "METAOPT_CACHE_DIR": str(fresh_cache.parent)})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) > 0 and built.read_bytes().startswith(b"\x7fELF")
+
+
+def test_float64_is_refused_by_fused_true_and_runs_batched_by_default():
+    optimizer, meta_params = trained_like({})
+    model, x, y = model_and_data(dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors only"):
+        train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True), x, y, steps=1)
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default takes what the kernel does not without a word, like Adam's
+        losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=2)
+    assert losses == train(reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False),
+                           x, y, steps=2)
+    assert losses[1] != losses[0]
+
+
+def test_networks_wider_than_the_kernel_takes_are_refused():
+    optimizer, meta_params = trained_like({"hidden": 65})
+    with pytest.raises(FusedUnsupported, match="hidden <= 64, got 65"):
+        optimizer.fused_step(meta_params, [torch.zeros(4)], [torch.ones(4)], {"p": torch.zeros(4, 2)}, 0, 1.0)
+
+
+def test_fused_true_is_refused_where_there_is_no_fused_step():
+    phnn = make_optimizer("phnn")
+    model, _, _ = model_and_data()
+    with pytest.raises(ValueError, match="optimizer 'phnn' has no fused step"):
+        LearnedOptimizer(model.parameters(), phnn, phnn.init_meta_params(0), fused=True)
+    hnn_seed, meta_params = trained_like({})
+    with pytest.raises(ValueError, match="exclude each other"):
+        LearnedOptimizer(model.parameters(), hnn_seed, meta_params, fused=True, compile=True)
