@@ -4,7 +4,6 @@ cross-coordinate normalisation."""
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported, library
+from metaopt.optimizers.native import FusedUnsupported, run_fused
 from metaopt.optimizers.phnn import ACTIVATIONS, Activation
 
 
@@ -102,40 +101,19 @@ class HNNSeed(NetworkOptimizer):
 
     def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
                    step: int, lr: float) -> None:
-        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                   for t in (*params, *grads, state["p"])):
-            raise FusedUnsupported("the fused hnn_seed step takes contiguous float32 CPU tensors only")
         width = self.hidden or self.dim
         if width > _MAX_FUSED_WIDTH:
             raise FusedUnsupported(f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}")
-        kernel = _fused_kernel()
         names = [name for name, _ in self.network.named_parameters()]
         packed = [meta_params[name] for net in ("G.", "V.") for name in names if name.startswith(net)]
         packed += [meta_params["D.weight"], meta_params["L"] @ meta_params["L"].T, meta_params["W_out.weight"],
                    meta_params["W_out.bias"], meta_params["W1.weight"], meta_params["W1.bias"]]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
-        count = len(params)
-        status = kernel(
-            count, (ctypes.c_int64 * count)(*(p.numel() for p in params)),
-            (ctypes.c_void_p * count)(*(p.data_ptr() for p in params)),
-            (ctypes.c_void_p * count)(*(g.data_ptr() for g in grads)),
-            state["p"].data_ptr(), weights.data_ptr(), self.dim, width, self.depth,
-            _ACTIVATION_CODES[self.activation], int(self.preprocess), math.exp(-self.preprocess_p),
-            self.preprocess_p, math.exp(self.preprocess_p), self.out_mul, lr, torch.get_num_threads())
-        if status != 0:
-            raise FusedUnsupported(f"the fused hnn_seed kernel refused dim={self.dim}, hidden={width}")
+        shape = [self.dim, width, self.depth, _ACTIVATION_CODES[self.activation], int(self.preprocess)]
+        p = self.preprocess_p
+        run_fused("hnn_seed_step", params, grads, [state["p"]], weights, shape,
+                   [math.exp(-p), p, math.exp(p), self.out_mul, lr])
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/hnn_seed_step.c
 _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "gelu": 2, "silu": 3}
-
-
-def _fused_kernel():
-    """The C entry point ``hnn_seed_step`` with its ctypes signature."""
-    kernel = library("hnn_seed_step").hnn_seed_step
-    if kernel.argtypes is None:
-        kernel.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
-                           ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_void_p,
-                           *[ctypes.c_int] * 5, *[ctypes.c_float] * 5, ctypes.c_int]
-        kernel.restype = ctypes.c_int
-    return kernel

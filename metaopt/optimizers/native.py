@@ -1,6 +1,6 @@
-"""Native CPU kernels (``csrc/*.c``) for learned optimizers' steps: compiled on first use with the
-system C compiler (``$CC``, else ``cc``) and cached under ``$METAOPT_CACHE_DIR`` (default
-``~/.cache/metaopt``), the way ``torch.utils.cpp_extension`` caches its builds; loaded with ctypes."""
+"""Native CPU kernels (``csrc/*.c``) for learned optimizers' fused steps: compiled on first use with
+the system C compiler (``$CC``, else ``cc``) and cached under ``$METAOPT_CACHE_DIR`` (default
+``~/.cache/metaopt``), the way ``torch.utils.cpp_extension`` caches its builds; called with ctypes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 SOURCES = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-pthread")
@@ -65,7 +68,8 @@ def _load(source: Path) -> ctypes.CDLL:
         raise NativeUnavailable(
             f"no C compiler {compiler_name!r} on PATH to build {source.name}; install gcc or clang, or set CC")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, version, _machine()]).encode()).hexdigest()[:16]
+    texts = [path.read_text() for path in (source, *sorted(source.parent.glob("*.h")))]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _machine()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         try:
@@ -80,3 +84,27 @@ def _load(source: Path) -> ctypes.CDLL:
         raise NativeUnavailable(f"{compiler} could not build {source.name}:\n{build.stderr.strip()}")
     os.replace(partial, target)  # atomic: concurrent processes never load a half-written library
     return ctypes.CDLL(str(target))
+
+
+def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[Tensor], weights: Tensor,
+               shape: list[int], scalars: list[float]) -> None:
+    """Run kernel ``name`` (see ``csrc/fused_common.h``) over ``params`` in place. Raises
+    ``FusedUnsupported`` unless every tensor is contiguous float32 on the CPU or where the kernel
+    refuses ``shape``, and ``NativeUnavailable`` where it cannot be built."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in (*params, *grads, *state, weights)):
+        raise FusedUnsupported(f"the fused {name} takes contiguous float32 CPU tensors only")
+    kernel = getattr(library(name), name)
+    if kernel.argtypes is None:
+        kernel.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * 3,
+                           ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+        kernel.restype = ctypes.c_int
+
+    def pointers(tensors: list[Tensor]):
+        return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+    status = kernel(len(params), (ctypes.c_int64 * len(params))(*(p.numel() for p in params)), pointers(params),
+                    pointers(grads), pointers(state), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),
+                    (ctypes.c_float * len(scalars))(*scalars), torch.get_num_threads())
+    if status != 0:
+        raise FusedUnsupported(f"the fused {name} does not take the shape {shape}")

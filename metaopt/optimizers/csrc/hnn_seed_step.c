@@ -2,69 +2,21 @@
 
    The eager update runs ~40 tensor ops, each a pass over every coordinate; this runs the whole
    per-coordinate computation in one pass: read the gradient, the parameter and the state p, write
-   the parameter and p. The coordinates are split across threads in runs of ALIGN.
+   the parameter and p (state[0], [total, dim]).
 
+   shape: dim, hidden, depth, activation (RELU, TANH, GELU, SILU), preprocess.
+   scalars: threshold e^-p, p, e^p (the log/sign preprocessing), out_mul, lr.
    weights, packed by HNNSeed.fused_step in this order (nn.Linear weights are [out, in], row-major):
      G: per hidden layer W [hidden, in], b [hidden]; then W [dim, hidden], b [dim]
      V: the same
-     D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim]
-   Returns 0, or -1 for a shape the kernel does not support (dim > 2 or hidden > MAX_WIDTH). */
+     D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim] */
 
-#include <float.h>
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
+#include "fused_common.h"
 
-#define ALIGN 64
 #define MAX_DIM 2
 #define MAX_WIDTH 64
-#define MIN_COORDINATES_PER_THREAD 32768
 
 enum { RELU = 0, TANH = 1, GELU = 2, SILU = 3 };
-
-typedef struct {
-    int64_t segments;
-    const int64_t *sizes;
-    float *const *params;
-    const float *const *grads;
-    float *state;
-    const float *weights;
-    int dim, hidden, depth, activation, preprocess;
-    float threshold, log_divisor, small_scale, out_mul, lr;
-    int64_t begin, end; /* this thread's coordinates, in the concatenation of all segments */
-} Job;
-
-/* Natural log of x >= 0 (Cephes logf, within 2 ulp of logf), branch-free so that it vectorises, where
-   logf would be one library call per coordinate. */
-static inline float log_nonnegative(float x) {
-    const int subnormal = x < FLT_MIN;
-    const float scaled = subnormal ? x * 8388608.0f : x; /* 2^23 */
-    int32_t bits;
-    memcpy(&bits, &scaled, sizeof bits);
-    int32_t exponent = ((bits >> 23) & 0xff) - 126 - (subnormal ? 23 : 0);
-    bits = (bits & 0x007fffff) | 0x3f000000; /* mantissa m in [0.5, 1) */
-    float m;
-    memcpy(&m, &bits, sizeof m);
-    const int below = m < 0.707106781186547524f;
-    exponent -= below;
-    m = below ? m + m - 1.0f : m - 1.0f;
-    const float e = (float)exponent, z = m * m;
-    float y = 7.0376836292e-2f;
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
-    const float result = m + y + 0.693359375f * e;
-    return x == 0.0f ? -INFINITY : x > FLT_MAX ? INFINITY : result;
-}
-
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE float activate(const int activation, float x) {
     switch (activation) {
@@ -102,12 +54,12 @@ INLINE const float *potential(const float *w, const float *q, float *out, const 
 /* The step of n consecutive coordinates, written per coordinate. Inlined with constant shapes for the
    default networks, so the loops over features and layers unroll, the weights stay in registers and
    the loop over coordinates vectorises; a runtime-shaped copy serves every other network. */
-INLINE void step_coordinates(const Job *job, const float *grad, float *param, float *state, const int64_t n,
+INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *param, float *state, const int64_t n,
                              const int d, const int hidden, const int depth, const int activation,
                              const int preprocess) {
-    const float threshold = job->threshold, log_divisor = job->log_divisor, small_scale = job->small_scale;
-    const float out_mul = job->out_mul, lr = job->lr;
-    const float *G = job->weights;
+    const float threshold = kernel->scalars[0], log_divisor = kernel->scalars[1], small_scale = kernel->scalars[2];
+    const float out_mul = kernel->scalars[3], lr = kernel->scalars[4];
+    const float *G = kernel->weights;
     const int potential_size = (d + 1) * hidden + (depth - 1) * (hidden + 1) * hidden + (hidden + 1) * d;
     const float *V = G + potential_size, *D = V + potential_size, *M = D + 4 * d * d, *w_out = M + d * d,
                 *b_out = w_out + 2 * d, *w1 = b_out + 1, *b1 = w1 + 2 * d * d;
@@ -150,54 +102,21 @@ INLINE void step_coordinates(const Job *job, const float *grad, float *param, fl
     }
 }
 
-static void step_segment(const Job *job, const float *grad, float *param, float *state, int64_t n) {
-    if (job->dim == 2 && job->hidden == 2 && job->depth == 1 && job->activation == RELU && job->preprocess)
-        step_coordinates(job, grad, param, state, n, 2, 2, 1, RELU, 1);
-    else if (job->dim == 1 && job->hidden == 1 && job->depth == 1 && job->activation == RELU && !job->preprocess)
-        step_coordinates(job, grad, param, state, n, 1, 1, 1, RELU, 0);
+static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n) {
+    const int *shape = kernel->shape; /* dim, hidden, depth, activation, preprocess */
+    float *state = kernel->state[0] + first * shape[0];
+    if (shape[0] == 2 && shape[1] == 2 && shape[2] == 1 && shape[3] == RELU && shape[4])
+        step_coordinates(kernel, grad, param, state, n, 2, 2, 1, RELU, 1);
+    else if (shape[0] == 1 && shape[1] == 1 && shape[2] == 1 && shape[3] == RELU && !shape[4])
+        step_coordinates(kernel, grad, param, state, n, 1, 1, 1, RELU, 0);
     else
-        step_coordinates(job, grad, param, state, n, job->dim, job->hidden, job->depth, job->activation,
-                         job->preprocess);
-}
-
-static void *run_job(void *arg) {
-    const Job *job = arg;
-    int64_t offset = 0; /* first coordinate of the current segment */
-    for (int64_t s = 0; s < job->segments && offset < job->end; offset += job->sizes[s], s++) {
-        const int64_t lo = job->begin > offset ? job->begin : offset;
-        const int64_t hi = job->end < offset + job->sizes[s] ? job->end : offset + job->sizes[s];
-        if (lo < hi)
-            step_segment(job, job->grads[s] + (lo - offset), job->params[s] + (lo - offset),
-                         job->state + lo * job->dim, hi - lo);
-    }
-    return 0;
+        step_coordinates(kernel, grad, param, state, n, shape[0], shape[1], shape[2], shape[3], shape[4]);
 }
 
 int hnn_seed_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
-                  float *state, const float *weights, int dim, int hidden, int depth, int activation,
-                  int preprocess, float threshold, float log_divisor, float small_scale, float out_mul, float lr,
-                  int threads) {
-    if (dim < 1 || dim > MAX_DIM || hidden < 1 || hidden > MAX_WIDTH || depth < 1) return -1;
-    int64_t total = 0;
-    for (int64_t s = 0; s < segments; s++) total += sizes[s];
-    int64_t most = (total + MIN_COORDINATES_PER_THREAD - 1) / MIN_COORDINATES_PER_THREAD;
-    if (threads > most) threads = (int)most;
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-
-    Job jobs[64];
-    pthread_t workers[64];
-    const int64_t share = ((total + threads - 1) / threads + ALIGN - 1) / ALIGN * ALIGN;
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = (Job){segments, sizes, params, grads, state, weights, dim, hidden, depth, activation, preprocess,
-                        threshold, log_divisor, small_scale, out_mul, lr, t * share,
-                        (t + 1) * share < total ? (t + 1) * share : total};
-    }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&workers[started], 0, run_job, &jobs[started]) != 0) break;
-    for (int t = started; t < threads; t++) run_job(&jobs[t]); /* a thread refused: do its share here */
-    run_job(&jobs[0]);
-    for (int t = 1; t < started; t++) pthread_join(workers[t], 0);
+                  float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
+    if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] < 1) return -1;
+    const Kernel kernel = {state, weights, shape, scalars};
+    run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }

@@ -1,0 +1,109 @@
+/* Shared by the fused step kernels: a vectorisable log, and the loop that splits the coordinates of
+   all parameters across threads.
+
+   Every kernel exports
+     int NAME(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
+              float *const *state, const float *weights, const int *shape, const float *scalars, int threads)
+   where params[s] and grads[s] hold sizes[s] floats, state[i] are the optimizer's flat state buffers
+   (over all segments, in order), and shape / scalars are the kernel's own settings. It returns 0, or
+   -1 for settings it does not take. */
+
+#ifndef METAOPT_FUSED_COMMON_H
+#define METAOPT_FUSED_COMMON_H
+
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define ALIGN 64
+#define MAX_THREADS 64
+#define MIN_COORDINATES_PER_THREAD 32768
+
+typedef struct {
+    float *const *state;
+    const float *weights;
+    const int *shape;
+    const float *scalars;
+} Kernel;
+
+/* Steps coordinates [first, first + n) of the concatenation; grad and param point at the first. */
+typedef void (*StepFn)(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n);
+
+typedef struct {
+    const Kernel *kernel;
+    StepFn step;
+    int64_t segments;
+    const int64_t *sizes;
+    float *const *params;
+    const float *const *grads;
+    int64_t begin, end; /* this thread's coordinates, in the concatenation of all segments */
+} Share;
+
+/* Natural log of x >= 0 (Cephes logf, within 2 ulp of logf), branch-free so that it vectorises, where
+   logf would be one library call per coordinate. */
+static inline float log_nonnegative(float x) {
+    const int subnormal = x < FLT_MIN;
+    const float scaled = subnormal ? x * 8388608.0f : x; /* 2^23 */
+    int32_t bits;
+    memcpy(&bits, &scaled, sizeof bits);
+    int32_t exponent = ((bits >> 23) & 0xff) - 126 - (subnormal ? 23 : 0);
+    bits = (bits & 0x007fffff) | 0x3f000000; /* mantissa m in [0.5, 1) */
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int below = m < 0.707106781186547524f;
+    exponent -= below;
+    m = below ? m + m - 1.0f : m - 1.0f;
+    const float e = (float)exponent, z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+    const float result = m + y + 0.693359375f * e;
+    return x == 0.0f ? -INFINITY : x > FLT_MAX ? INFINITY : result;
+}
+
+static void *run_share(void *arg) {
+    const Share *share = arg;
+    int64_t offset = 0; /* first coordinate of the current segment */
+    for (int64_t s = 0; s < share->segments && offset < share->end; offset += share->sizes[s], s++) {
+        const int64_t lo = share->begin > offset ? share->begin : offset;
+        const int64_t hi = share->end < offset + share->sizes[s] ? share->end : offset + share->sizes[s];
+        if (lo < hi)
+            share->step(share->kernel, share->grads[s] + (lo - offset), share->params[s] + (lo - offset), lo, hi - lo);
+    }
+    return 0;
+}
+
+/* Runs step over every coordinate, split in contiguous shares across up to `threads` threads. */
+static void run_threads(StepFn step, const Kernel *kernel, int64_t segments, const int64_t *sizes,
+                        float *const *params, const float *const *grads, int threads) {
+    int64_t total = 0;
+    for (int64_t s = 0; s < segments; s++) total += sizes[s];
+    const int64_t most = (total + MIN_COORDINATES_PER_THREAD - 1) / MIN_COORDINATES_PER_THREAD;
+    if (threads > most) threads = (int)most;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    Share shares[MAX_THREADS];
+    pthread_t workers[MAX_THREADS];
+    const int64_t size = ((total + threads - 1) / threads + ALIGN - 1) / ALIGN * ALIGN;
+    for (int t = 0; t < threads; t++)
+        shares[t] = (Share){kernel, step, segments, sizes, params, grads, t * size,
+                            (t + 1) * size < total ? (t + 1) * size : total};
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&workers[started], 0, run_share, &shares[started]) != 0) break;
+    for (int t = started; t < threads; t++) run_share(&shares[t]); /* a thread refused: do its share here */
+    run_share(&shares[0]);
+    for (int t = 1; t < started; t++) pthread_join(workers[t], 0);
+}
+
+#endif
