@@ -1,5 +1,5 @@
-"""The native fused hnn_seed step (metaopt/optimizers/csrc/hnn_seed_step.c), built for real with the
-system C compiler: it computes the batched update, and where it cannot run it says why."""
+"""The native fused steps of hnn_seed and phnn (metaopt/optimizers/csrc/), built for real with the
+system C compiler: they compute the batched update, and where they cannot run they say why."""
 
 from __future__ import annotations
 
@@ -23,16 +23,21 @@ from metaopt.optimizers.torch_optim import LearnedOptimizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-CONFIGS = [
-    {},  # the default: log/sign preprocessing (d = 2), hidden = d, ReLU (the kernel's specialised path)
-    {"preprocess": False},  # d = 1, also specialised
-    {"hidden": 16, "depth": 2, "activation": "tanh"},  # the runtime-shaped path from here on
-    {"hidden": 5, "activation": "gelu"},
-    {"preprocess": False, "hidden": 3, "activation": "silu"},
-    {"preprocess_p": 5.0, "out_mul": 0.3},
+CONFIGS = [  # (kind, options): the kernels' specialised paths first, then their runtime-shaped ones
+    ("hnn_seed", {}),  # log/sign preprocessing (d = 2), hidden = d, ReLU
+    ("hnn_seed", {"preprocess": False}),  # d = 1
+    ("hnn_seed", {"hidden": 16, "depth": 2, "activation": "tanh"}),
+    ("hnn_seed", {"hidden": 5, "activation": "gelu"}),
+    ("hnn_seed", {"preprocess": False, "hidden": 3, "activation": "silu"}),
+    ("hnn_seed", {"preprocess_p": 5.0, "out_mul": 0.3}),
+    ("phnn", {}),  # everything learned, hidden 16
+    ("phnn", {"normalize": True}),
+    ("phnn", {"preprocess": False, "hidden": 5}),
+    ("phnn", {"hamiltonian": "quadratic"}),
+    ("phnn", {"dissipation": "constant", "port": "identity", "normalize": True}),
+    ("phnn", {"normalize": True, "sign_equivariant": True}),
+    ("phnn", {"sign_equivariant": True, "preprocess": False, "hidden": 7}),
 ]
-
-
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty build cache and no library loaded yet in this process."""
@@ -41,10 +46,17 @@ def fresh_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "native"
 
 
-def trained_like(options: dict, seed: int = 0):
-    """hnn_seed with meta-parameters off the initialisation (its zero read-out makes no update)."""
-    optimizer = make_optimizer("hnn_seed", **options)
+def trained_like(options: dict, seed: int = 0, kind: str = "hnn_seed"):
+    """A learned optimizer with meta-parameters off the initialisation (hnn_seed's zero read-out makes
+    no update, and phnn starts as plain heavy ball)."""
+    optimizer = make_optimizer(kind, **options)
     return optimizer, off_initialisation(optimizer.init_meta_params(seed), seed, scale=0.3)
+
+
+def initial_state(optimizer, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random state of the optimizer's shape (v, a running mean of g², non-negative)."""
+    return {key: value.uniform_(0, 1, generator=generator) if key == "v" else value.normal_(generator=generator)
+            for key, value in optimizer.init_state(torch.zeros(size)).items()}
 
 
 def gradients(sizes: list[int]) -> list[torch.Tensor]:
@@ -58,35 +70,39 @@ def gradients(sizes: list[int]) -> list[torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("options", CONFIGS)
-def test_fused_step_computes_the_batched_update(options):
-    optimizer, meta_params = trained_like(options)
+@pytest.mark.parametrize(("kind", "options"), CONFIGS)
+def test_fused_step_computes_the_batched_update(kind, options):
+    optimizer, meta_params = trained_like(options, kind=kind)
     sizes = [1000, 7, 300, 70_000]  # odd sizes; over 65,536 coordinates, so two threads share the work
     generator = torch.Generator().manual_seed(2)
     params = [torch.randn(size, generator=generator) for size in sizes]
     grads = gradients(sizes)
-    state = {"p": torch.randn(sum(sizes), optimizer.dim, generator=generator)}
+    state = initial_state(optimizer, sum(sizes), generator)
 
-    updates, expected_state = optimizer.update(meta_params, torch.cat(grads), state, 0)
+    step = 3  # phnn's normalize corrects its running mean by 1 - β^(step + 1)
+    updates, expected_state = optimizer.update(meta_params, torch.cat(grads), state, step)
     expected = [p + 0.7 * u for p, u in zip(params, updates.split(sizes))]
-    fused_params, fused_state = [p.clone() for p in params], {"p": state["p"].clone()}
-    optimizer.fused_step(meta_params, fused_params, grads, fused_state, 0, 0.7)
+    fused_params, fused_state = [p.clone() for p in params], {k: v.clone() for k, v in state.items()}
+    optimizer.fused_step(meta_params, fused_params, grads, fused_state, step, 0.7)
 
     assert updates.abs().max() > 0.01  # a real update, not the zero read-out
     for got, want in zip(fused_params, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused_state["p"], expected_state["p"], rtol=1e-5, atol=1e-5)
+    assert fused_state.keys() == expected_state.keys()
+    for key in fused_state:
+        torch.testing.assert_close(fused_state[key], expected_state[key], rtol=1e-5, atol=1e-5)
 
 
-def test_fused_step_is_the_same_on_one_thread_and_two():
-    optimizer, meta_params = trained_like({})
+@pytest.mark.parametrize("kind", ["hnn_seed", "phnn"])
+def test_fused_step_is_the_same_on_one_thread_and_two(kind):
+    optimizer, meta_params = trained_like({}, kind=kind)
     grads = gradients([200_000])
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            params, state = [torch.zeros(200_000)], {"p": torch.zeros(200_000, 2)}
+            params, state = [torch.zeros(200_000)], optimizer.init_state(torch.zeros(200_000))
             optimizer.fused_step(meta_params, params, grads, state, 0, 1.0)
             results.append((params[0], state["p"]))
     finally:
@@ -111,8 +127,9 @@ def train(model, optimizer, x, y, steps: int) -> list[float]:
     return losses
 
 
-def test_learned_optimizer_fused_and_batched_train_a_model_alike():
-    optimizer, meta_params = trained_like({})
+@pytest.mark.parametrize("kind", ["hnn_seed", "phnn"])
+def test_learned_optimizer_fused_and_batched_train_a_model_alike(kind):
+    optimizer, meta_params = trained_like({}, kind=kind)
     model, x, y = model_and_data()
     batched_model = copy.deepcopy(model)
     fused = LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True)
@@ -208,11 +225,22 @@ def test_networks_wider_than_the_kernel_takes_are_refused():
         optimizer.fused_step(meta_params, [torch.zeros(4)], [torch.ones(4)], {"p": torch.zeros(4, 2)}, 0, 1.0)
 
 
+def test_phnn_options_the_kernel_does_not_take_are_refused_and_run_batched():
+    optimizer, meta_params = trained_like({"state_features": True, "integrator": "leapfrog"}, kind="phnn")
+    model, x, y = model_and_data()
+    with pytest.raises(RuntimeError, match="does not take leapfrog, state_features"):
+        train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True), x, y, steps=1)
+    reference = copy.deepcopy(model)
+    losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=2)
+    assert losses == train(reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False),
+                           x, y, steps=2)
+
+
 def test_fused_true_is_refused_where_there_is_no_fused_step():
-    phnn = make_optimizer("phnn")
+    lstm = make_optimizer("lstm")
     model, _, _ = model_and_data()
-    with pytest.raises(ValueError, match="optimizer 'phnn' has no fused step"):
-        LearnedOptimizer(model.parameters(), phnn, phnn.init_meta_params(0), fused=True)
+    with pytest.raises(ValueError, match="optimizer 'lstm' has no fused step"):
+        LearnedOptimizer(model.parameters(), lstm, lstm.init_meta_params(0), fused=True)
     hnn_seed, meta_params = trained_like({})
     with pytest.raises(ValueError, match="exclude each other"):
         LearnedOptimizer(model.parameters(), hnn_seed, meta_params, fused=True, compile=True)

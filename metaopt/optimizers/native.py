@@ -93,7 +93,7 @@ def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[
     refuses ``shape``, and ``NativeUnavailable`` where it cannot be built."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                for t in (*params, *grads, *state, weights)):
-        raise FusedUnsupported(f"the fused {name} takes contiguous float32 CPU tensors only")
+        raise FusedUnsupported(f"the fused step ({name}.c) takes contiguous float32 CPU tensors only")
     kernel = getattr(library(name), name)
     if kernel.argtypes is None:
         kernel.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * 3,
@@ -107,4 +107,4 @@ def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[
                     pointers(grads), pointers(state), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),
                     (ctypes.c_float * len(scalars))(*scalars), torch.get_num_threads())
     if status != 0:
-        raise FusedUnsupported(f"the fused {name} does not take the shape {shape}")
+        raise FusedUnsupported(f"the fused step ({name}.c) does not take the shape {shape}")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
+from metaopt.optimizers.native import FusedUnsupported, run_fused
 
 HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
@@ -171,9 +172,14 @@ class PHNN(NetworkOptimizer):
     + 2k·m + 2k (learned port) + k (read-out, only for k > 1); each extra hidden layer adds m² + m
     per learned MLP. 229 at the defaults (k = 1, m = 16, all learned), 181 with
     ``sign_equivariant``, 2 with everything fixed.
+
+    ``fused_step`` runs the no-grad step in one native pass (``csrc/phnn_step.c``) for k = 1, depth 1,
+    tanh and the semi-implicit Euler step, with or without ``normalize``, ``sign_equivariant``,
+    preprocessing and each learned part.
     """
 
     kind = "phnn"
+    has_fused_step = True
 
     def __init__(
         self,
@@ -259,3 +265,31 @@ class PHNN(NetworkOptimizer):
             grads = grads / ((v / (1 - beta ** (step + 1))).sqrt() + 1e-8)
         updates, p = self.apply(meta_params, grads.reshape(-1), state["p"].reshape(-1, k))
         return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,)), **new_state}
+
+    def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
+                   step: int, lr: float) -> None:
+        refused = [name for name, off in (
+            ("state_dim != 1", self.state_dim != 1), ("depth != 1", self.depth != 1),
+            ("activation != 'tanh'", self.activation != "tanh"), ("leapfrog", self.integrator == "leapfrog"),
+            ("state_features", self.state_features),
+            (f"hidden > {_MAX_FUSED_WIDTH}", self.hidden > _MAX_FUSED_WIDTH)) if off]
+        if refused:
+            raise FusedUnsupported(f"the fused phnn step does not take {', '.join(refused)}")
+        learned = {part: any(name.startswith(part + ".") for name in meta_params)
+                   for part in ("hamiltonian", "dissipation", "port")}
+        packed = [meta_params[f"{part}.{name}"] for part, names in (
+            ("hamiltonian", ("0.weight", "0.bias", "2.weight")),
+            ("dissipation", ("0.weight", "0.bias", "2.weight", "2.bias")),
+            ("port", ("0.weight", "0.bias", "2.weight", "2.bias"))) if learned[part] for name in names]
+        weights = torch.cat([w.detach().reshape(-1).float() for w in packed]) if packed else torch.zeros(1)
+        h = float(meta_params["log_h"].detach().float().exp())
+        a0 = float(meta_params["A0"].detach().float().reshape(()))
+        beta = self.rms_decay
+        shape = [self.hidden, int(self.preprocess), *map(int, learned.values()), int(self.normalize),
+                 int(self.sign_equivariant)]
+        scalars = [h, a0, math.exp(-10.0), 10.0, math.exp(10.0), beta, 1 - beta, 1 - beta ** (step + 1), lr]
+        states = [state["p"]] + ([state["v"]] if self.normalize else [])
+        run_fused("phnn_step", params, grads, states, weights, shape, scalars)
+
+
+_MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/phnn_step.c

@@ -41,13 +41,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
     into a flat buffer) like any torch optimizer's, so ``state_dict`` / ``load_state_dict``
     resume a user's training exactly.
 
-    ``fused``, as in ``torch.optim.Adam``: the optimizer's native one-pass step (``fused_step``; hnn_seed
-    on contiguous float32 CPU tensors, built on first use with the system C compiler) in place of the
-    batched update. ``None`` (default) uses it where it takes the tensors, and the batched update
-    elsewhere (CUDA, float64) and, after one warning, everywhere if it cannot be built; ``True``
-    requires it; ``False`` never uses it. ``compile=True``
-    runs the batched update through ``torch.compile`` and falls back to eager, with a warning, where
-    compilation fails.
+    ``fused``, as in ``torch.optim.Adam``: the optimizer's native one-pass step (``fused_step``: hnn_seed,
+    and phnn in its usual shapes, on contiguous float32 CPU tensors; built on first use with the system
+    C compiler) in place of the batched update. ``None`` (default) uses it where it takes the tensors
+    and the batched update elsewhere (CUDA, float64, and everywhere, after one warning, if it cannot
+    be built); ``True`` requires it; ``False`` never uses it. ``compile=True`` runs the batched update
+    through ``torch.compile`` and falls back to eager, with a warning, where compilation fails.
     """
 
     def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0,
