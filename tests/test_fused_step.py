@@ -189,6 +189,14 @@ def test_a_failing_build_reports_the_compiler_output(fresh_cache, tmp_path, monk
     assert not list(fresh_cache.glob("*"))  # nothing half-written left in the cache
 
 
+def test_an_unwritable_cache_is_named_in_the_error(fresh_cache, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(NativeUnavailable, match="a-file/cache/native .*set METAOPT_CACHE_DIR to a writable folder"):
+        native.library("phnn_step")
+
+
 def test_a_corrupt_cached_library_is_rebuilt(fresh_cache):
     native.library("hnn_seed_step")
     (built,) = fresh_cache.glob("hnn_seed_step-*.so")

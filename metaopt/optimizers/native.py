@@ -4,6 +4,7 @@ the system C compiler (``$CC``, else ``cc``) and cached under ``$METAOPT_CACHE_D
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 SOURCES = Path(__file__).parent / "csrc"
+BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-pthread")
 
 
@@ -76,13 +78,20 @@ def _load(source: Path) -> ctypes.CDLL:
             return ctypes.CDLL(str(target))
         except OSError:  # a truncated or foreign file in the cache: build it again
             target.unlink(missing_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    build = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), "-lm"], capture_output=True, text=True)
-    if build.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise NativeUnavailable(f"{compiler} could not build {source.name}:\n{build.stderr.strip()}")
-    os.replace(partial, target)  # atomic: concurrent processes never load a half-written library
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        build = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), "-lm"], capture_output=True,
+                               text=True, timeout=BUILD_TIMEOUT_S)
+        if build.returncode != 0:
+            raise NativeUnavailable(f"{compiler} could not build {source.name}:\n{build.stderr.strip()}")
+        os.replace(partial, target)  # atomic: concurrent processes never load a half-written library
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise NativeUnavailable(f"could not build {source.name} into {target.parent} ({error}); "
+                                "set METAOPT_CACHE_DIR to a writable folder") from error
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return ctypes.CDLL(str(target))
 
 
