@@ -106,7 +106,8 @@ def test_checkpointed_unroll_gives_the_same_losses_state_and_meta_gradient(kind,
     (plain_losses, plain_end, plain_grad), (losses, end, grad) = results
     torch.testing.assert_close(losses, plain_losses)
     torch.testing.assert_close(end, plain_end)
-    torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
+    # Chunks sum the steps' meta-gradients in another order: float32 rounding of the largest entry.
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-6 * plain_grad.abs().max().item())
 
 
 def test_train_config_wires_checkpointing_to_the_estimator(tmp_path):

@@ -252,3 +252,34 @@ def test_fused_true_is_refused_where_there_is_no_fused_step():
     hnn_seed, meta_params = trained_like({})
     with pytest.raises(ValueError, match="exclude each other"):
         LearnedOptimizer(model.parameters(), hnn_seed, meta_params, fused=True, compile=True)
+
+
+def meta_step(optimizer, meta_params: dict, grads: torch.Tensor, state: dict, weights: tuple) -> tuple:
+    """One update under meta-training: the outputs, and the gradients of a fixed linear loss of them
+    w.r.t. the state p and every meta-parameter."""
+    meta_params = {k: v.detach().clone().requires_grad_(True) for k, v in meta_params.items()}
+    p = state["p"].detach().clone().requires_grad_(True)
+    updates, new_state = optimizer.update(meta_params, grads, {**state, "p": p}, 2)
+    loss = (updates * weights[0]).sum() + (new_state["p"] * weights[1]).sum()
+    return (updates, *new_state.values()), torch.autograd.grad(loss, [p, *meta_params.values()])
+
+
+@pytest.mark.parametrize("options", [{}, {"normalize": True}, {"preprocess": False, "hidden": 5}])
+def test_phnn_meta_training_step_and_its_backward_match_the_batched_update(options):
+    optimizer, meta_params = trained_like(options, kind="phnn")
+    generator = torch.Generator().manual_seed(3)
+    batch, size = 3, 30_001  # two threads, and a last partial block of lanes
+    grads = gradients([batch * size])[0].reshape(batch, size)
+    flat_state = initial_state(optimizer, batch * size, generator)
+    state = {k: v.reshape(batch, size, *v.shape[1:]) for k, v in flat_state.items()}
+    weights = (torch.randn(batch, size, generator=generator), torch.randn(batch, size, 1, generator=generator))
+    fused_outputs, fused_grads = meta_step(optimizer, meta_params, grads, state, weights)
+    # float64 takes the batched update: the reference, computed more exactly
+    double = {k: v.double() for k, v in meta_params.items()}
+    outputs, reference = meta_step(optimizer, double, grads.double(), {k: v.double() for k, v in state.items()},
+                                   tuple(w.double() for w in weights))
+    for got, want in zip(fused_outputs, outputs):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for name, got, want in zip(["p", *meta_params], fused_grads, reference):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 SOURCES = Path(__file__).parent / "csrc"
 BUILD_TIMEOUT_S = 300
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 
 
 class NativeUnavailable(RuntimeError):
@@ -117,3 +117,27 @@ def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[
                     (ctypes.c_float * len(scalars))(*scalars), torch.get_num_threads())
     if status != 0:
         raise FusedUnsupported(f"the fused step ({name}.c) does not take the shape {shape}")
+
+
+def run_fused_backward(name: str, grad: Tensor, state: list[Tensor], weights: Tensor, shape: list[int],
+                       scalars: list[float], extra: int) -> tuple[Tensor, Tensor]:
+    """Run ``{name}_backward`` over the flat ``grad``: returns dL/d(the first state) and the summed
+    gradients of the kernel's weights (float64, in the weights' layout, then ``extra`` more that the
+    kernel documents)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in (grad, *state, weights)):
+        raise FusedUnsupported(f"the fused backward ({name}.c) takes contiguous float32 CPU tensors only")
+    kernel = getattr(library(name), f"{name}_backward")
+    if kernel.argtypes is None:
+        kernel.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float),
+                           ctypes.c_void_p, ctypes.c_int]
+        kernel.restype = ctypes.c_int
+    grad_state = torch.empty_like(grad)
+    sums = torch.zeros(weights.numel() + extra, dtype=torch.float64)
+    status = kernel(grad.numel(), grad.data_ptr(), (ctypes.c_void_p * len(state))(*(t.data_ptr() for t in state)),
+                    grad_state.data_ptr(), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),
+                    (ctypes.c_float * len(scalars))(*scalars), sums.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise FusedUnsupported(f"the fused backward ({name}.c) does not take the shape {shape}")
+    return grad_state, sums

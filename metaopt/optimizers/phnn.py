@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported, run_fused
+from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable, library, run_fused, run_fused_backward
 
 HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
@@ -257,6 +257,9 @@ class PHNN(NetworkOptimizer):
     def update(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
+        fused = self._fused_meta_update(meta_params, grads, state, step)
+        if fused is not None:
+            return fused
         k = self.state_dim
         new_state = {}
         if self.normalize:
@@ -268,6 +271,13 @@ class PHNN(NetworkOptimizer):
 
     def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
                    step: int, lr: float) -> None:
+        weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
+        states = [state["p"]] + ([state["v"]] if self.normalize else [])
+        run_fused("phnn_step", params, grads, states, weights, shape, scalars)
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
+        """The packed weights, shape and scalars of ``csrc/phnn_step.c``; ``FusedUnsupported`` for
+        options it does not take."""
         refused = [name for name, off in (
             ("state_dim != 1", self.state_dim != 1), ("depth != 1", self.depth != 1),
             ("activation != 'tanh'", self.activation != "tanh"), ("leapfrog", self.integrator == "leapfrog"),
@@ -275,21 +285,86 @@ class PHNN(NetworkOptimizer):
             (f"hidden > {_MAX_FUSED_WIDTH}", self.hidden > _MAX_FUSED_WIDTH)) if off]
         if refused:
             raise FusedUnsupported(f"the fused phnn step does not take {', '.join(refused)}")
-        learned = {part: any(name.startswith(part + ".") for name in meta_params)
-                   for part in ("hamiltonian", "dissipation", "port")}
-        packed = [meta_params[f"{part}.{name}"] for part, names in (
-            ("hamiltonian", ("0.weight", "0.bias", "2.weight")),
-            ("dissipation", ("0.weight", "0.bias", "2.weight", "2.bias")),
-            ("port", ("0.weight", "0.bias", "2.weight", "2.bias"))) if learned[part] for name in names]
+        packed = [meta_params[name] for name in self._packed_names()]
         weights = torch.cat([w.detach().reshape(-1).float() for w in packed]) if packed else torch.zeros(1)
         h = float(meta_params["log_h"].detach().float().exp())
         a0 = float(meta_params["A0"].detach().float().reshape(()))
         beta = self.rms_decay
-        shape = [self.hidden, int(self.preprocess), *map(int, learned.values()), int(self.normalize),
-                 int(self.sign_equivariant)]
+        learned = [self.hamiltonian == "learned", self.dissipation == "learned", self.port == "learned"]
+        shape = [self.hidden, int(self.preprocess), *map(int, learned), int(self.normalize), int(self.sign_equivariant)]
         scalars = [h, a0, math.exp(-10.0), 10.0, math.exp(10.0), beta, 1 - beta, 1 - beta ** (step + 1), lr]
-        states = [state["p"]] + ([state["v"]] if self.normalize else [])
-        run_fused("phnn_step", params, grads, states, weights, shape, scalars)
+        return weights, shape, scalars
+
+    def _packed_names(self) -> list[str]:
+        """The meta-parameters in the kernel's weights, in its order."""
+        learned = {"hamiltonian": self.hamiltonian == "learned", "dissipation": self.dissipation == "learned",
+                   "port": self.port == "learned"}
+        layers = {"hamiltonian": ("0.weight", "0.bias", "2.weight"),
+                  "dissipation": ("0.weight", "0.bias", "2.weight", "2.bias"),
+                  "port": ("0.weight", "0.bias", "2.weight", "2.bias")}
+        return [f"{part}.{name}" for part, names in layers.items() if learned[part] for name in names]
+
+    def _fused_meta_update(self, meta_params: MetaParams, grads: Tensor, state: OptState,
+                           step: int) -> tuple[Tensor, OptState] | None:
+        """The update through the fused forward and backward kernels, for first-order meta-training on
+        float32 CPU tensors; None where they do not apply (the batched update then runs)."""
+        if not (torch.is_grad_enabled() and any(v.requires_grad for v in meta_params.values())
+                and not grads.requires_grad and grads.device.type == "cpu" and grads.dtype == torch.float32
+                and self.hamiltonian == self.dissipation == self.port == "learned" and not self.sign_equivariant):
+            return None
+        try:
+            self._fused_inputs(meta_params, step, 1.0)
+            library("phnn_step")
+        except NativeUnavailable:
+            return None
+        names = list(meta_params)
+        v = state["v"].reshape(-1).contiguous() if self.normalize else None
+        updates, p, v_next = _FusedMetaStep.apply(self, names, step, grads.reshape(-1).contiguous(),
+                                                   state["p"].reshape(-1).contiguous(), v, *meta_params.values())
+        new_state = {"p": p.reshape(grads.shape + (1,))}
+        if self.normalize:
+            new_state["v"] = v_next.reshape(grads.shape)
+        return updates.reshape(grads.shape), new_state
+
+
+class _FusedMetaStep(torch.autograd.Function):
+    """phnn's update as one autograd node: the fused forward kernel, and a hand-written backward
+    (``phnn_step_backward`` in ``csrc/phnn_step.c``) that recomputes the step per coordinate and
+    returns dL/dp and dL/d(every meta-parameter). First order: the gradient g is a constant."""
+
+    @staticmethod
+    def forward(ctx, optimizer: PHNN, names: list[str], step: int, grads: Tensor, p: Tensor, v: Tensor | None,
+                *values: Tensor):
+        meta_params = dict(zip(names, values))
+        weights, shape, scalars = optimizer._fused_inputs(meta_params, step, 1.0)
+        updates, p_next = torch.zeros_like(grads), p.detach().clone()
+        v_next = v.detach().clone() if v is not None else None
+        run_fused("phnn_step", [updates], [grads], [p_next] + ([v_next] if v is not None else []), weights, shape,
+                  scalars)
+        ctx.save_for_backward(grads, p, v if v is not None else p)
+        ctx.fused = (optimizer, names, weights, shape, scalars)
+        if v_next is not None:
+            ctx.mark_non_differentiable(v_next)
+        return updates, p_next, v_next
+
+    @staticmethod
+    def backward(ctx, grad_updates: Tensor | None, grad_p_next: Tensor | None, _grad_v: Tensor | None):
+        grads, p, v = ctx.saved_tensors
+        optimizer, names, weights, shape, scalars = ctx.fused
+        zeros = torch.zeros_like(grads)
+        upstream = [g.contiguous() if g is not None else zeros for g in (grad_updates, grad_p_next)]
+        grad_p, sums = run_fused_backward("phnn_step", grads, [p.detach(), v.detach(), *upstream], weights, shape,
+                                          scalars, extra=2)
+        grads_by_name: dict[str, Tensor] = {}
+        offset = 0
+        for name in optimizer._packed_names():
+            shape_of = optimizer.network.get_parameter(name).shape
+            grads_by_name[name] = sums[offset:offset + shape_of.numel()].float().reshape(shape_of)
+            offset += shape_of.numel()
+        h = scalars[0]
+        grads_by_name["log_h"] = (sums[offset] * h).float().reshape(())
+        grads_by_name["A0"] = sums[offset + 1].float().reshape(1, 1)
+        return (None, None, None, None, grad_p, None, *(grads_by_name.get(name) for name in names))
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/phnn_step.c

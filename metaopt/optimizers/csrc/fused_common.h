@@ -19,7 +19,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 #define ALIGN 64
-#define MAX_THREADS 64
+#define MAX_THREADS 64 /* also the most shares a backward kernel's totals must hold */
 #define MIN_COORDINATES_PER_THREAD 32768
 
 typedef struct {
@@ -27,10 +27,12 @@ typedef struct {
     const float *weights;
     const int *shape;
     const float *scalars;
+    double *totals; /* backward kernels: per-share sums of the weights' gradients, share-major */
 } Kernel;
 
-/* Steps coordinates [first, first + n) of the concatenation; grad and param point at the first. */
-typedef void (*StepFn)(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n);
+/* Steps coordinates [first, first + n) of the concatenation, in share `share`; grad and param point
+   at the first. */
+typedef void (*StepFn)(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n, int share);
 
 typedef struct {
     const Kernel *kernel;
@@ -40,6 +42,7 @@ typedef struct {
     float *const *params;
     const float *const *grads;
     int64_t begin, end; /* this thread's coordinates, in the concatenation of all segments */
+    int index;
 } Share;
 
 /* Natural log of x >= 0 (Cephes logf, within 2 ulp of logf), branch-free so that it vectorises, where
@@ -68,7 +71,8 @@ static inline float log_nonnegative(float x) {
     y = y * m + 3.3333331174e-1f;
     y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
     const float result = m + y + 0.693359375f * e;
-    return x == 0.0f ? -INFINITY : x > FLT_MAX ? INFINITY : result;
+    const float finite = x > FLT_MAX ? INFINITY : result; /* one select each: nested ones stop gcc vectorising */
+    return x == 0.0f ? -INFINITY : finite;
 }
 
 static void *run_share(void *arg) {
@@ -78,14 +82,17 @@ static void *run_share(void *arg) {
         const int64_t lo = share->begin > offset ? share->begin : offset;
         const int64_t hi = share->end < offset + share->sizes[s] ? share->end : offset + share->sizes[s];
         if (lo < hi)
-            share->step(share->kernel, share->grads[s] + (lo - offset), share->params[s] + (lo - offset), lo, hi - lo);
+            share->step(share->kernel, share->grads[s] + (lo - offset), share->params[s] + (lo - offset), lo, hi - lo,
+                        share->index);
     }
     return 0;
 }
 
-/* Runs step over every coordinate, split in contiguous shares across up to `threads` threads. */
-static void run_threads(StepFn step, const Kernel *kernel, int64_t segments, const int64_t *sizes,
-                        float *const *params, const float *const *grads, int threads) {
+/* Runs step over every coordinate, split in contiguous shares across up to `threads` threads; returns
+   the number of shares (share i takes the i-th run of coordinates, so sums over shares in index order
+   are deterministic). */
+static int run_threads(StepFn step, const Kernel *kernel, int64_t segments, const int64_t *sizes,
+                       float *const *params, const float *const *grads, int threads) {
     int64_t total = 0;
     for (int64_t s = 0; s < segments; s++) total += sizes[s];
     const int64_t most = (total + MIN_COORDINATES_PER_THREAD - 1) / MIN_COORDINATES_PER_THREAD;
@@ -97,13 +104,14 @@ static void run_threads(StepFn step, const Kernel *kernel, int64_t segments, con
     const int64_t size = ((total + threads - 1) / threads + ALIGN - 1) / ALIGN * ALIGN;
     for (int t = 0; t < threads; t++)
         shares[t] = (Share){kernel, step, segments, sizes, params, grads, t * size,
-                            (t + 1) * size < total ? (t + 1) * size : total};
+                            (t + 1) * size < total ? (t + 1) * size : total, t};
     int started = 1;
     for (; started < threads; started++)
         if (pthread_create(&workers[started], 0, run_share, &shares[started]) != 0) break;
     for (int t = started; t < threads; t++) run_share(&shares[t]); /* a thread refused: do its share here */
     run_share(&shares[0]);
     for (int t = 1; t < started; t++) pthread_join(workers[t], 0);
+    return threads;
 }
 
 #endif

@@ -69,7 +69,7 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
             const float g = grad[j], magnitude = fabsf(g);
             const int large = magnitude >= threshold;
             const float log_magnitude = log_nonnegative(magnitude) / log_divisor;
-            const float sign = g > 0.0f ? 1.0f : g < 0.0f ? -1.0f : 0.0f;
+            const float sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
             q[0] = large ? log_magnitude : -1.0f;
             q[1] = large ? sign : g * small_scale;
         } else {
@@ -102,7 +102,8 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
     }
 }
 
-static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n) {
+static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
+                         int share) {
     const int *shape = kernel->shape; /* dim, hidden, depth, activation, preprocess */
     float *state = kernel->state[0] + first * shape[0];
     if (shape[0] == 2 && shape[1] == 2 && shape[2] == 1 && shape[3] == RELU && shape[4])
@@ -116,7 +117,7 @@ static void step_segment(const Kernel *kernel, const float *grad, float *param, 
 int hnn_seed_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
                   float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
     if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] < 1) return -1;
-    const Kernel kernel = {state, weights, shape, scalars};
+    const Kernel kernel = {state, weights, shape, scalars, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }

@@ -22,13 +22,17 @@
      dissipation W [hidden, features], b [hidden], w [hidden], c [1]
      port W [hidden, features], b [hidden], W_out [2, hidden] (gain, offset), b_out [2] */
 
+#include <stdlib.h>
+
 #include "fused_common.h"
 
 #define MAX_WIDTH 64
 
 /* tanh within 4e-7 (Eigen's rational approximation), branch-free so that it vectorises. */
 INLINE float tanh_approx(float x) {
-    x = x < -7.90531110763549805f ? -7.90531110763549805f : x > 7.90531110763549805f ? 7.90531110763549805f : x;
+    const float limit = 7.90531110763549805f; /* tanh is 1 - 2.7e-7 there */
+    x = x < -limit ? -limit : x;
+    x = x > limit ? limit : x;
     const float x2 = x * x;
     float p = -2.76076847742355e-16f;
     p = p * x2 + 2.00018790482477e-13f;
@@ -90,7 +94,7 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
         /* f: (log|g| / p, sign g) where |g| >= e^-p, else (-1, e^p g), branch-free; or g. With
            `equivariant` the networks see only the even part (log|g| / p, or |g|) and `odd` the rest. */
         float f[2], odd = 1.0f;
-        const float magnitude = fabsf(g), sign = g > 0.0f ? 1.0f : g < 0.0f ? -1.0f : 0.0f;
+        const float magnitude = fabsf(g), sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
         if (preprocess) {
             const float log_magnitude = log_nonnegative(magnitude) / log_divisor;
             const int large = magnitude >= threshold;
@@ -139,7 +143,8 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
     }
 }
 
-static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n) {
+static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
+                         int share) {
     /* shape: hidden, preprocess, learned energy, dissipation, port, normalize, sign-equivariant */
     const int *shape = kernel->shape, usual = shape[0] == 16 && shape[1] && shape[2] && shape[3] && shape[4];
     if (usual && !shape[5] && !shape[6]) /* the default phnn */
@@ -156,7 +161,200 @@ static void step_segment(const Kernel *kernel, const float *grad, float *param, 
 int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
               float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
     if (shape[0] < 1 || shape[0] > MAX_WIDTH) return -1;
-    const Kernel kernel = {state, weights, shape, scalars};
+    const Kernel kernel = {state, weights, shape, scalars, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
+    return 0;
+}
+
+/* ---- Backward, for meta-training: the gradients of one step w.r.t. p and every weight. ----
+
+   For the usual phnn only (everything learned, not sign-equivariant), first-order: g is a constant.
+   state: p, v (normalize; else unused), dL/dΔθ, dL/dp' (all [total]); writes dL/dp into `params`.
+   The weights' gradients are summed per coordinate lane (LANES independent float sums, so the loop
+   vectorises without reassociation), flushed into per-share double sums every FLUSH_BLOCKS blocks and
+   added share by share in order, so the result does not depend on thread timing. Their layout is the
+   weights' one, then dL/dh and dL/dA₀. */
+
+#define LANES 8
+#define FLUSH_BLOCKS 64
+#define MAX_WEIGHTS (MAX_WIDTH * 5 + MAX_WIDTH * 4 + 1 + MAX_WIDTH * 5 + 2)
+
+#define EACH _Pragma("GCC unroll 1") for (int l = 0; l < LANES; l++) /* one vector op over the block's lanes */
+
+typedef float Lanes[LANES];
+
+/* The backward of LANES consecutive coordinates, written lane-wise so that every statement vectorises;
+   the weights' gradients are added to acc[k * LANES + lane]. */
+INLINE void backward_block(const Kernel *kernel, const float *grad, const float *p, const float *v,
+                           const float *grad_update, const float *grad_p_next, float *grad_p, float *acc,
+                           const int hidden, const int preprocess, const int normalize) {
+    const float *s = kernel->scalars, *w = kernel->weights;
+    const float h = s[0], a0 = s[1], threshold = s[2], log_divisor = s[3], small_scale = s[4], beta = s[5],
+                one_minus_beta = s[6], correction = s[7];
+    const int F = preprocess ? 2 : 1, energy_size = hidden * (3 + F), dissipation_size = hidden * (F + 2) + 1,
+              port_size = hidden * (F + 3) + 2, total = energy_size + dissipation_size + port_size;
+    const int W = 0, bH = hidden * (1 + F), wH = bH + hidden;                               /* energy */
+    const int R = energy_size, bR = R + hidden * F, uR = bR + hidden, cR = uR + hidden;      /* dissipation */
+    const int Q = energy_size + dissipation_size, bQ = Q + hidden * F, P = bQ + hidden, pc = P + 2 * hidden;
+#define ACC(k) (acc + (int64_t)(k) * LANES)
+
+    Lanes g, f[2];
+    EACH g[l] = grad[l];
+    if (normalize) EACH g[l] = g[l] / (sqrtf((beta * v[l] + one_minus_beta * g[l] * g[l]) / correction) + 1e-8f);
+    if (preprocess) {
+        EACH {
+            const float magnitude = fabsf(g[l]), log_magnitude = log_nonnegative(magnitude) / log_divisor;
+            const float sign = (g[l] > 0.0f ? 1.0f : 0.0f) - (g[l] < 0.0f ? 1.0f : 0.0f);
+            const int large = magnitude >= threshold;
+            f[0][l] = large ? log_magnitude : -1.0f;
+            f[1][l] = large ? sign : g[l] * small_scale;
+        }
+    } else {
+        EACH f[0][l] = g[l];
+    }
+    Lanes t_p[MAX_WIDTH], t_next[MAX_WIDTH], r[MAX_WIDTH], q[MAX_WIDTH], z_f[MAX_WIDTH];
+    Lanes energy, slope, a, gain, offset, force, rate, p_next, energy_next, slope_next;
+    EACH {
+        energy[l] = p[l], slope[l] = 1.0f; /* ∂H/∂p and ∂²H/∂p² at p */
+        a[l] = a0 + w[cR], gain[l] = w[pc], offset[l] = w[pc + 1];
+    }
+    for (int j = 0; j < hidden; j++) {
+        const float w0 = w[W + j * (1 + F)], wj = w[wH + j];
+        Lanes z, y, x;
+        EACH z[l] = w[bH + j], y[l] = w[bR + j], x[l] = w[bQ + j];
+        for (int c = 0; c < F; c++) {
+            const float wz = w[W + j * (1 + F) + 1 + c], wy = w[R + j * F + c], wx = w[Q + j * F + c];
+            EACH z[l] += wz * f[c][l], y[l] += wy * f[c][l], x[l] += wx * f[c][l];
+        }
+        EACH {
+            z_f[j][l] = z[l];
+            const float t = tanh_approx(z[l] + w0 * p[l]);
+            t_p[j][l] = t;
+            energy[l] += wj * (1.0f - t * t) * w0;
+            slope[l] -= 2.0f * wj * w0 * w0 * t * (1.0f - t * t);
+            r[j][l] = tanh_approx(y[l]);
+            a[l] += w[uR + j] * r[j][l];
+            q[j][l] = tanh_approx(x[l]);
+            gain[l] += w[P + j] * q[j][l];
+            offset[l] += w[P + hidden + j] * q[j][l];
+        }
+    }
+    EACH {
+        force[l] = -(g[l] * (1.0f + gain[l]) + offset[l]);
+        rate[l] = force[l] - a[l] * a[l] * energy[l];
+        p_next[l] = p[l] + h * rate[l];
+        energy_next[l] = p_next[l], slope_next[l] = 1.0f;
+    }
+    for (int j = 0; j < hidden; j++) {
+        const float w0 = w[W + j * (1 + F)], wj = w[wH + j];
+        EACH {
+            const float t = tanh_approx(z_f[j][l] + w0 * p_next[l]);
+            t_next[j][l] = t;
+            energy_next[l] += wj * (1.0f - t * t) * w0;
+            slope_next[l] -= 2.0f * wj * w0 * w0 * t * (1.0f - t * t);
+        }
+    }
+
+    /* Δθ = h ∂H/∂p(p'), p' = p + h (−(g (1 + gain) + offset) − a² ∂H/∂p(p)) */
+    Lanes bar_p_next, alpha_next, alpha, bar_a, bar_gain, bar_offset;
+    EACH {
+        bar_p_next[l] = grad_p_next[l] + grad_update[l] * h * slope_next[l];
+        grad_p[l] = bar_p_next[l] * (1.0f - h * a[l] * a[l] * slope[l]);
+        ACC(total)[l] += grad_update[l] * energy_next[l] + bar_p_next[l] * rate[l]; /* dL/dh */
+        alpha_next[l] = grad_update[l] * h, alpha[l] = -bar_p_next[l] * h * a[l] * a[l];
+        bar_a[l] = -2.0f * bar_p_next[l] * h * a[l] * energy[l];
+        bar_gain[l] = -bar_p_next[l] * h * g[l], bar_offset[l] = -bar_p_next[l] * h;
+        ACC(total + 1)[l] += bar_a[l]; /* dL/dA₀ */
+        ACC(cR)[l] += bar_a[l];
+        ACC(pc)[l] += bar_gain[l];
+        ACC(pc + 1)[l] += bar_offset[l];
+    }
+    for (int j = 0; j < hidden; j++) {
+        const float w0 = w[W + j * (1 + F)], wj = w[wH + j], u = w[uR + j], gain_w = w[P + j],
+                    offset_w = w[P + hidden + j];
+        Lanes bar_z, bar_y, bar_x;
+        EACH {
+            const float s_next = 1.0f - t_next[j][l] * t_next[j][l], s_p = 1.0f - t_p[j][l] * t_p[j][l];
+            const float kappa_next = -2.0f * wj * w0 * t_next[j][l] * s_next;
+            const float kappa_p = -2.0f * wj * w0 * t_p[j][l] * s_p;
+            bar_z[l] = alpha_next[l] * kappa_next + alpha[l] * kappa_p; /* through ∂H/∂p's tanh arguments */
+            ACC(wH + j)[l] += (alpha_next[l] * s_next + alpha[l] * s_p) * w0;
+            ACC(W + j * (1 + F))[l] += alpha_next[l] * (wj * s_next + kappa_next * p_next[l]) +
+                                       alpha[l] * (wj * s_p + kappa_p * p[l]);
+            ACC(bH + j)[l] += bar_z[l];
+            bar_y[l] = bar_a[l] * u * (1.0f - r[j][l] * r[j][l]);
+            ACC(uR + j)[l] += bar_a[l] * r[j][l];
+            ACC(bR + j)[l] += bar_y[l];
+            bar_x[l] = (bar_gain[l] * gain_w + bar_offset[l] * offset_w) * (1.0f - q[j][l] * q[j][l]);
+            ACC(P + j)[l] += bar_gain[l] * q[j][l];
+            ACC(P + hidden + j)[l] += bar_offset[l] * q[j][l];
+            ACC(bQ + j)[l] += bar_x[l];
+        }
+        for (int c = 0; c < F; c++) {
+            float *wz = ACC(W + j * (1 + F) + 1 + c), *wy = ACC(R + j * F + c), *wx = ACC(Q + j * F + c);
+            EACH wz[l] += bar_z[l] * f[c][l], wy[l] += bar_y[l] * f[c][l], wx[l] += bar_x[l] * f[c][l];
+        }
+    }
+#undef ACC
+}
+
+INLINE void backward_run(const Kernel *kernel, const float *grad, float *grad_p, int64_t first, int64_t n, int share,
+                         const int hidden, const int preprocess, const int normalize) {
+    const int F = preprocess ? 2 : 1;
+    const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2;
+    double *totals = kernel->totals + (int64_t)share * (MAX_WEIGHTS + 2);
+    const float *p = kernel->state[0] + first, *v = kernel->state[1] + first, *grad_update = kernel->state[2] + first,
+                *grad_p_next = kernel->state[3] + first;
+    float lanes[(MAX_WEIGHTS + 2) * LANES];
+    memset(lanes, 0, sizeof(float) * sums * LANES);
+    for (int64_t i = 0, blocks = 1; i < n; i += LANES, blocks++) {
+        if (i + LANES <= n) {
+            backward_block(kernel, grad + i, p + i, v + i, grad_update + i, grad_p_next + i, grad_p + i, lanes, hidden,
+                           preprocess, normalize);
+        } else { /* the last, partial block: padded with the last coordinate and no upstream gradient */
+            Lanes tail[6];
+            for (int l = 0; l < LANES; l++) {
+                const int64_t k = i + l < n ? i + l : n - 1;
+                const float keep = i + l < n ? 1.0f : 0.0f;
+                tail[0][l] = grad[k], tail[1][l] = p[k], tail[2][l] = v[k];
+                tail[3][l] = keep * grad_update[k], tail[4][l] = keep * grad_p_next[k];
+            }
+            backward_block(kernel, tail[0], tail[1], tail[2], tail[3], tail[4], tail[5], lanes, hidden, preprocess,
+                           normalize);
+            for (int64_t k = i; k < n; k++) grad_p[k] = tail[5][k - i];
+        }
+        if (blocks % FLUSH_BLOCKS == 0 || i + LANES >= n) {
+            for (int k = 0; k < sums * LANES; k++) totals[k / LANES] += lanes[k];
+            memset(lanes, 0, sizeof(float) * sums * LANES);
+        }
+    }
+}
+
+static void backward_segment(const Kernel *kernel, const float *grad, float *grad_p, int64_t first, int64_t n,
+                             int share) {
+    const int *shape = kernel->shape; /* as the forward's */
+    if (shape[0] == 16 && shape[1] && !shape[5])
+        backward_run(kernel, grad, grad_p, first, n, share, 16, 1, 0);
+    else if (shape[0] == 16 && shape[1] && shape[5])
+        backward_run(kernel, grad, grad_p, first, n, share, 16, 1, 1);
+    else
+        backward_run(kernel, grad, grad_p, first, n, share, shape[0], shape[1], shape[5]);
+}
+
+int phnn_step_backward(int64_t n, const float *grad, float *const *state, float *grad_p, const float *weights,
+                       const int *shape, const float *scalars, double *grad_weights, int threads) {
+    if (shape[0] < 1 || shape[0] > MAX_WIDTH || !shape[2] || !shape[3] || !shape[4] || shape[6]) return -1;
+    const int F = shape[1] ? 2 : 1, hidden = shape[0];
+    const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2;
+    double *totals = calloc((size_t)MAX_THREADS * (MAX_WEIGHTS + 2), sizeof(double));
+    if (!totals) return -2;
+    const Kernel kernel = {state, weights, shape, scalars, totals};
+    const int shares = run_threads(backward_segment, &kernel, 1, &n, &grad_p, (const float *const *)&grad, threads);
+    for (int k = 0; k < sums; k++) {
+        double sum = 0.0;
+        for (int t = 0; t < shares; t++) sum += totals[(int64_t)t * (MAX_WEIGHTS + 2) + k];
+        grad_weights[k] = sum;
+    }
+    free(totals);
     return 0;
 }
