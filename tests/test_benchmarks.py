@@ -66,6 +66,15 @@ def test_throughput_benchmark_writes_its_table_as_json(tmp_path):
     assert row["speedup"] > 0
 
 
+def test_a_float32_disagreement_is_rechecked_in_float64():
+    # A tolerance float32 cannot meet: the check must fall back to float64, where both loops agree.
+    row = meta_train_throughput.run("quadratic", "phnn", CPU, meta_steps=1, reference_meta_steps=1, unroll=4,
+                                    rtol=0.0, atol_scale=0.0, batch_size=4)
+    assert row["gradient_max_rel_error"] > 0
+    assert row["gradient_max_rel_error_float64"] < 1e-9
+    assert torch.get_default_dtype() == torch.float32  # restored for the timed run and everything after
+
+
 def test_optimizer_step_benchmark_writes_its_table_as_json(tmp_path):
     output = tmp_path / "step.json"
     optimizer_step.main(["--sizes", "10000", "--kinds", "phnn", "hnn_seed", "--compile", "--device", "cpu",
