@@ -283,3 +283,19 @@ def test_phnn_meta_training_step_and_its_backward_match_the_batched_update(optio
     for name, got, want in zip(["p", *meta_params], fused_grads, reference):
         assert want.abs().max() > 0, name
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
+
+
+def test_phnn_meta_training_without_a_compiler_warns_and_runs_batched(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    optimizer, meta_params = trained_like({}, kind="phnn")
+    generator = torch.Generator().manual_seed(4)
+    grads, state = torch.randn(2, 50, generator=generator), initial_state(optimizer, 100, generator)
+    state = {k: v.reshape(2, 50, *v.shape[1:]) for k, v in state.items()}
+    weights = (torch.randn(2, 50, generator=generator), torch.randn(2, 50, 1, generator=generator))
+    with pytest.warns(UserWarning, match="runs the batched update: the fused kernel cannot be built"):
+        outputs, grads_of = meta_step(optimizer, meta_params, grads, state, weights)
+    double = {k: v.double() for k, v in meta_params.items()}
+    _, reference = meta_step(optimizer, double, grads.double(), {k: v.double() for k, v in state.items()},
+                             tuple(w.double() for w in weights))
+    for got, want in zip(grads_of, reference):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -6,6 +6,7 @@ It starts as heavy-ball momentum and meta-training departs from there."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -308,14 +309,19 @@ class PHNN(NetworkOptimizer):
                            step: int) -> tuple[Tensor, OptState] | None:
         """The update through the fused forward and backward kernels, for first-order meta-training on
         float32 CPU tensors; None where they do not apply (the batched update then runs)."""
+        float32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32
+                          for t in (grads, *state.values(), *meta_params.values()))
         if not (torch.is_grad_enabled() and any(v.requires_grad for v in meta_params.values())
-                and not grads.requires_grad and grads.device.type == "cpu" and grads.dtype == torch.float32
+                and not grads.requires_grad and float32_cpu
                 and self.hamiltonian == self.dissipation == self.port == "learned" and not self.sign_equivariant):
             return None
         try:
             self._fused_inputs(meta_params, step, 1.0)
             library("phnn_step")
-        except NativeUnavailable:
+        except FusedUnsupported:
+            return None
+        except NativeUnavailable as error:
+            warnings.warn(f"phnn meta-training runs the batched update: the fused kernel cannot be built ({error})")
             return None
         names = list(meta_params)
         v = state["v"].reshape(-1).contiguous() if self.normalize else None
