@@ -264,15 +264,18 @@ def meta_step(optimizer, meta_params: dict, grads: torch.Tensor, state: dict, we
     return (updates, *new_state.values()), torch.autograd.grad(loss, [p, *meta_params.values()])
 
 
-@pytest.mark.parametrize("options", [{}, {"normalize": True}, {"preprocess": False, "hidden": 5}])
-def test_phnn_meta_training_step_and_its_backward_match_the_batched_update(options):
-    optimizer, meta_params = trained_like(options, kind="phnn")
+@pytest.mark.parametrize(("kind", "options"), [
+    ("phnn", {}), ("phnn", {"normalize": True}), ("phnn", {"preprocess": False, "hidden": 5}),
+    ("hnn_seed", {}), ("hnn_seed", {"preprocess": False}), ("hnn_seed", {"hidden": 7, "activation": "tanh"}),
+])
+def test_meta_training_step_and_its_backward_match_the_batched_update(kind, options):
+    optimizer, meta_params = trained_like(options, kind=kind)
     generator = torch.Generator().manual_seed(3)
     batch, size = 3, 30_001  # two threads, and a last partial block of lanes
     grads = gradients([batch * size])[0].reshape(batch, size)
     flat_state = initial_state(optimizer, batch * size, generator)
     state = {k: v.reshape(batch, size, *v.shape[1:]) for k, v in flat_state.items()}
-    weights = (torch.randn(batch, size, generator=generator), torch.randn(batch, size, 1, generator=generator))
+    weights = (torch.randn(batch, size, generator=generator), torch.randn(state["p"].shape, generator=generator))
     fused_outputs, fused_grads = meta_step(optimizer, meta_params, grads, state, weights)
     # float64 takes the batched update: the reference, computed more exactly
     double = {k: v.double() for k, v in meta_params.items()}
@@ -280,9 +283,13 @@ def test_phnn_meta_training_step_and_its_backward_match_the_batched_update(optio
                                    tuple(w.double() for w in weights))
     for got, want in zip(fused_outputs, outputs):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # Sums over 90,003 coordinates cancel (hnn_seed's G.0.weight: 0.07 from terms up to ~30), so the
+    # absolute tolerance is relative to the largest meta-gradient; the batched float32 update itself
+    # misses float64 by up to 6e-6 of it (the kernel: 3e-7).
+    scale = max(want.abs().max().item() for want in reference)
     for name, got, want in zip(["p", *meta_params], fused_grads, reference):
         assert want.abs().max() > 0, name
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_phnn_meta_training_without_a_compiler_warns_and_runs_batched(fresh_cache, monkeypatch):

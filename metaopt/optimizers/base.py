@@ -13,13 +13,14 @@ same way, so one small network serves models of any size::
 from __future__ import annotations
 
 import inspect
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from metaopt.optimizers.native import FusedUnsupported
+from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable, library, run_fused, run_fused_backward
 
 OptState = dict[str, Tensor]
 MetaParams = dict[str, Tensor]
@@ -98,3 +99,85 @@ class NetworkOptimizer(Optimizer):
     def apply(self, meta_params: MetaParams, *inputs: Tensor, **kwargs) -> Tensor:
         """Run the network with ``meta_params`` in place of its own parameters."""
         return torch.func.functional_call(self.network, meta_params, inputs, kwargs)
+
+    # Fused meta-training: subclasses with a native kernel (``csrc/{fused_kernel}.c`` and its
+    # ``_backward``) set ``fused_kernel`` and implement the three methods below.
+    fused_kernel: ClassVar[str | None] = None
+    fused_extra_grads: ClassVar[int] = 0  # gradients the backward kernel returns after the weights'
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
+        """The kernel's packed weights, shape and scalars; ``FusedUnsupported`` for options it does not take."""
+        raise FusedUnsupported(f"optimizer {self.kind!r} has no fused kernel")
+
+    def _packed_names(self) -> list[str]:
+        """The meta-parameters in the kernel's weights, in its order."""
+        return []
+
+    def _fused_meta_supported(self) -> bool:
+        """Whether the backward kernel takes this optimizer's options."""
+        return False
+
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
+        """dL/d(meta-parameter) from the backward kernel's sums (float64, the weights' layout)."""
+        grads, offset = {}, 0
+        for name in self._packed_names():
+            shape = meta_params[name].shape
+            grads[name] = sums[offset:offset + shape.numel()].float().reshape(shape)
+            offset += shape.numel()
+        return grads
+
+    def _fused_meta_update(self, meta_params: MetaParams, grads: Tensor, state: OptState,
+                           step: int) -> tuple[Tensor, OptState] | None:
+        """The update as one autograd node over the native kernels, for first-order meta-training on
+        float32 CPU tensors; None where they do not apply (the batched update then runs)."""
+        float32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32
+                          for t in (grads, *state.values(), *meta_params.values()))
+        if not (self.fused_kernel and torch.is_grad_enabled() and any(v.requires_grad for v in meta_params.values())
+                and not grads.requires_grad and float32_cpu and self._fused_meta_supported()):
+            return None
+        try:
+            self._fused_inputs(meta_params, step, 1.0)
+            library(self.fused_kernel)
+        except FusedUnsupported:
+            return None
+        except NativeUnavailable as error:
+            warnings.warn(f"{self.kind} meta-training runs the batched update: the fused kernel cannot be built "
+                          f"({error})")
+            return None
+        keys = list(state)
+        updates, *new_state = _FusedMetaStep.apply(self, list(meta_params), keys, step, grads.contiguous(),
+                                                   *(state[k].contiguous() for k in keys), *meta_params.values())
+        return updates, dict(zip(keys, new_state))
+
+
+class _FusedMetaStep(torch.autograd.Function):
+    """A learned optimizer's update as one autograd node: the fused forward kernel, and a hand-written
+    backward kernel that recomputes the step per coordinate and returns dL/d(first state, p) and
+    dL/d(every meta-parameter). First order: the gradient is a constant; the other states (phnn's
+    running mean v) carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, optimizer: NetworkOptimizer, names: list[str], keys: list[str], step: int, grads: Tensor,
+                *tensors: Tensor):
+        states, values = tensors[:len(keys)], tensors[len(keys):]
+        meta_params = dict(zip(names, values))
+        weights, shape, scalars = optimizer._fused_inputs(meta_params, step, 1.0)
+        updates, new_states = torch.zeros_like(grads), [s.detach().clone() for s in states]
+        run_fused(optimizer.fused_kernel, [updates], [grads], new_states, weights, shape, scalars)
+        ctx.save_for_backward(grads, *states, *values)
+        ctx.fused = (optimizer, names, len(keys), weights, shape, scalars)
+        ctx.mark_non_differentiable(*new_states[1:])
+        return (updates, *new_states)
+
+    @staticmethod
+    def backward(ctx, grad_updates: Tensor | None, grad_p_next: Tensor | None, *_):
+        optimizer, names, count, weights, shape, scalars = ctx.fused
+        grads, *saved = ctx.saved_tensors
+        states, values = saved[:count], saved[count:]
+        p, others = states[0].detach(), [s.detach() for s in states[1:]]
+        upstream = [g.contiguous() if g is not None else torch.zeros_like(like)
+                    for g, like in ((grad_updates, grads), (grad_p_next, p))]
+        grad_p, sums = run_fused_backward(optimizer.fused_kernel, grads, [p, *upstream, *(others or [p])], weights,
+                                          shape, scalars, optimizer.fused_extra_grads)
+        meta_grads = optimizer._fused_meta_grads(sums, dict(zip(names, values)), scalars)
+        return (None, None, None, None, None, grad_p, *[None] * (count - 1), *(meta_grads.get(n) for n in names))

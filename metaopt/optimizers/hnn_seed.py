@@ -57,7 +57,8 @@ class HNNSeed(NetworkOptimizer):
     [D_q, D_p] = D·[V(q), p] and M = L·Lᵀ; the update is ``out_mul`` · W_out·[q̇, q] and the next
     state W₁·[q̇, ṗ] + b₁. G and V have ``depth`` hidden layers of width ``hidden`` (default d, as in
     the original) with ``activation`` (default ReLU). W_out starts at zero (untrained: no update).
-    ``fused_step`` runs the whole no-grad step in one native pass (``csrc/hnn_seed_step.c``).
+    ``fused_step`` runs the whole no-grad step in one native pass (``csrc/hnn_seed_step.c``), and
+    first-order meta-training (depth 1, ReLU or tanh) runs through it and a hand-written backward.
     Meta-parameters: 11d² + 7d + 1 at the defaults,
     i.e. 59 with preprocessing (d = 2), 19 without (d = 1); in general 2·(2dm + m + d + (depth − 1)(m² + m))
     + 7d² + 3d + 1 with m = ``hidden``.
@@ -65,6 +66,7 @@ class HNNSeed(NetworkOptimizer):
 
     kind = "hnn_seed"
     has_fused_step = True
+    fused_kernel = "hnn_seed_step"
 
     def __init__(self, preprocess: bool = True, preprocess_p: float = 10.0, out_mul: float = 0.1,
                  hidden: int | None = None, depth: int = 1, activation: Activation = "relu"):
@@ -94,6 +96,9 @@ class HNNSeed(NetworkOptimizer):
     def update(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
+        fused = self._fused_meta_update(meta_params, grads, state, step)
+        if fused is not None:
+            return fused
         rows = grads.reshape(-1)
         q = log_sign_preprocess(rows, self.preprocess_p) if self.preprocess else rows[:, None]
         raw, p = self.apply(meta_params, q, state["p"].reshape(-1, self.dim))
@@ -101,18 +106,33 @@ class HNNSeed(NetworkOptimizer):
 
     def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
                    step: int, lr: float) -> None:
+        weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
+        run_fused("hnn_seed_step", params, grads, [state["p"]], weights, shape, scalars)
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         width = self.hidden or self.dim
         if width > _MAX_FUSED_WIDTH:
             raise FusedUnsupported(f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}")
-        names = [name for name, _ in self.network.named_parameters()]
-        packed = [meta_params[name] for net in ("G.", "V.") for name in names if name.startswith(net)]
-        packed += [meta_params["D.weight"], meta_params["L"] @ meta_params["L"].T, meta_params["W_out.weight"],
-                   meta_params["W_out.bias"], meta_params["W1.weight"], meta_params["W1.bias"]]
+        packed = [meta_params[name] if name != "L" else meta_params["L"] @ meta_params["L"].T  # M = L·Lᵀ
+                  for name in self._packed_names()]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
         shape = [self.dim, width, self.depth, _ACTIVATION_CODES[self.activation], int(self.preprocess)]
         p = self.preprocess_p
-        run_fused("hnn_seed_step", params, grads, [state["p"]], weights, shape,
-                   [math.exp(-p), p, math.exp(p), self.out_mul, lr])
+        return weights, shape, [math.exp(-p), p, math.exp(p), self.out_mul, lr]
+
+    def _packed_names(self) -> list[str]:
+        names = [name for name, _ in self.network.named_parameters()]
+        return [name for net in ("G.", "V.") for name in names if name.startswith(net)] + [
+            "D.weight", "L", "W_out.weight", "W_out.bias", "W1.weight", "W1.bias"]
+
+    def _fused_meta_supported(self) -> bool:
+        return self.depth == 1 and self.activation in ("relu", "tanh")
+
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
+        grads = super()._fused_meta_grads(sums, meta_params, scalars)
+        grad_m = grads["L"]  # the kernel's gradient is w.r.t. M = L·Lᵀ
+        grads["L"] = (grad_m + grad_m.T) @ meta_params["L"].detach()
+        return grads
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/hnn_seed_step.c

@@ -121,7 +121,8 @@ def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[
 
 def run_fused_backward(name: str, grad: Tensor, state: list[Tensor], weights: Tensor, shape: list[int],
                        scalars: list[float], extra: int) -> tuple[Tensor, Tensor]:
-    """Run ``{name}_backward`` over the flat ``grad``: returns dL/d(the first state) and the summed
+    """Run ``{name}_backward`` over the flat ``grad``; ``state`` is (the first state, dL/dupdate,
+    dL/d(next first state), then the kernel's own). Returns dL/d(the first state) and the summed
     gradients of the kernel's weights (float64, in the weights' layout, then ``extra`` more that the
     kernel documents)."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
@@ -133,7 +134,7 @@ def run_fused_backward(name: str, grad: Tensor, state: list[Tensor], weights: Te
                            ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float),
                            ctypes.c_void_p, ctypes.c_int]
         kernel.restype = ctypes.c_int
-    grad_state = torch.empty_like(grad)
+    grad_state = torch.empty_like(state[0])
     sums = torch.zeros(weights.numel() + extra, dtype=torch.float64)
     status = kernel(grad.numel(), grad.data_ptr(), (ctypes.c_void_p * len(state))(*(t.data_ptr() for t in state)),
                     grad_state.data_ptr(), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),

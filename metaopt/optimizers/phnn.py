@@ -6,7 +6,6 @@ It starts as heavy-ball momentum and meta-training departs from there."""
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable, library, run_fused, run_fused_backward
+from metaopt.optimizers.native import FusedUnsupported, run_fused
 
 HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
@@ -181,6 +180,8 @@ class PHNN(NetworkOptimizer):
 
     kind = "phnn"
     has_fused_step = True
+    fused_kernel = "phnn_step"
+    fused_extra_grads = 2  # dL/dh, dL/dA₀
 
     def __init__(
         self,
@@ -273,8 +274,8 @@ class PHNN(NetworkOptimizer):
     def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
                    step: int, lr: float) -> None:
         weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
-        states = [state["p"]] + ([state["v"]] if self.normalize else [])
-        run_fused("phnn_step", params, grads, states, weights, shape, scalars)
+        run_fused("phnn_step", params, grads, [state[key] for key in self.init_state(torch.zeros(0))], weights,
+                  shape, scalars)
 
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         """The packed weights, shape and scalars of ``csrc/phnn_step.c``; ``FusedUnsupported`` for
@@ -297,7 +298,6 @@ class PHNN(NetworkOptimizer):
         return weights, shape, scalars
 
     def _packed_names(self) -> list[str]:
-        """The meta-parameters in the kernel's weights, in its order."""
         learned = {"hamiltonian": self.hamiltonian == "learned", "dissipation": self.dissipation == "learned",
                    "port": self.port == "learned"}
         layers = {"hamiltonian": ("0.weight", "0.bias", "2.weight"),
@@ -305,72 +305,15 @@ class PHNN(NetworkOptimizer):
                   "port": ("0.weight", "0.bias", "2.weight", "2.bias")}
         return [f"{part}.{name}" for part, names in layers.items() if learned[part] for name in names]
 
-    def _fused_meta_update(self, meta_params: MetaParams, grads: Tensor, state: OptState,
-                           step: int) -> tuple[Tensor, OptState] | None:
-        """The update through the fused forward and backward kernels, for first-order meta-training on
-        float32 CPU tensors; None where they do not apply (the batched update then runs)."""
-        float32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32
-                          for t in (grads, *state.values(), *meta_params.values()))
-        if not (torch.is_grad_enabled() and any(v.requires_grad for v in meta_params.values())
-                and not grads.requires_grad and float32_cpu
-                and self.hamiltonian == self.dissipation == self.port == "learned" and not self.sign_equivariant):
-            return None
-        try:
-            self._fused_inputs(meta_params, step, 1.0)
-            library("phnn_step")
-        except FusedUnsupported:
-            return None
-        except NativeUnavailable as error:
-            warnings.warn(f"phnn meta-training runs the batched update: the fused kernel cannot be built ({error})")
-            return None
-        names = list(meta_params)
-        v = state["v"].reshape(-1).contiguous() if self.normalize else None
-        updates, p, v_next = _FusedMetaStep.apply(self, names, step, grads.reshape(-1).contiguous(),
-                                                   state["p"].reshape(-1).contiguous(), v, *meta_params.values())
-        new_state = {"p": p.reshape(grads.shape + (1,))}
-        if self.normalize:
-            new_state["v"] = v_next.reshape(grads.shape)
-        return updates.reshape(grads.shape), new_state
+    def _fused_meta_supported(self) -> bool:
+        return self.hamiltonian == self.dissipation == self.port == "learned" and not self.sign_equivariant
 
-
-class _FusedMetaStep(torch.autograd.Function):
-    """phnn's update as one autograd node: the fused forward kernel, and a hand-written backward
-    (``phnn_step_backward`` in ``csrc/phnn_step.c``) that recomputes the step per coordinate and
-    returns dL/dp and dL/d(every meta-parameter). First order: the gradient g is a constant."""
-
-    @staticmethod
-    def forward(ctx, optimizer: PHNN, names: list[str], step: int, grads: Tensor, p: Tensor, v: Tensor | None,
-                *values: Tensor):
-        meta_params = dict(zip(names, values))
-        weights, shape, scalars = optimizer._fused_inputs(meta_params, step, 1.0)
-        updates, p_next = torch.zeros_like(grads), p.detach().clone()
-        v_next = v.detach().clone() if v is not None else None
-        run_fused("phnn_step", [updates], [grads], [p_next] + ([v_next] if v is not None else []), weights, shape,
-                  scalars)
-        ctx.save_for_backward(grads, p, v if v is not None else p)
-        ctx.fused = (optimizer, names, weights, shape, scalars)
-        if v_next is not None:
-            ctx.mark_non_differentiable(v_next)
-        return updates, p_next, v_next
-
-    @staticmethod
-    def backward(ctx, grad_updates: Tensor | None, grad_p_next: Tensor | None, _grad_v: Tensor | None):
-        grads, p, v = ctx.saved_tensors
-        optimizer, names, weights, shape, scalars = ctx.fused
-        zeros = torch.zeros_like(grads)
-        upstream = [g.contiguous() if g is not None else zeros for g in (grad_updates, grad_p_next)]
-        grad_p, sums = run_fused_backward("phnn_step", grads, [p.detach(), v.detach(), *upstream], weights, shape,
-                                          scalars, extra=2)
-        grads_by_name: dict[str, Tensor] = {}
-        offset = 0
-        for name in optimizer._packed_names():
-            shape_of = optimizer.network.get_parameter(name).shape
-            grads_by_name[name] = sums[offset:offset + shape_of.numel()].float().reshape(shape_of)
-            offset += shape_of.numel()
-        h = scalars[0]
-        grads_by_name["log_h"] = (sums[offset] * h).float().reshape(())
-        grads_by_name["A0"] = sums[offset + 1].float().reshape(1, 1)
-        return (None, None, None, None, grad_p, None, *(grads_by_name.get(name) for name in names))
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
+        grads = super()._fused_meta_grads(sums, meta_params, scalars)
+        offset = sum(g.numel() for g in grads.values())
+        grads["log_h"] = (sums[offset] * scalars[0]).float().reshape(())  # dL/dh · h
+        grads["A0"] = sums[offset + 1].float().reshape(1, 1)
+        return grads
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/phnn_step.c

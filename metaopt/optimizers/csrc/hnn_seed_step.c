@@ -11,6 +11,8 @@
      V: the same
      D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim] */
 
+#include <stdlib.h>
+
 #include "fused_common.h"
 
 #define MAX_DIM 2
@@ -119,5 +121,223 @@ int hnn_seed_step(int64_t segments, const int64_t *sizes, float *const *params, 
     if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] < 1) return -1;
     const Kernel kernel = {state, weights, shape, scalars, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
+    return 0;
+}
+
+/* ---- Backward, for meta-training: the gradients of one step w.r.t. p and every weight. ----
+
+   First order (g, so q, is a constant); depth 1 and ReLU or tanh only.
+   state: p [total, dim], dL/dupdate [total], dL/dp' [total, dim]; writes dL/dp ([total, dim]) into
+   grad_p. The weights' gradients come in the weights' layout, with dL/dM in M's place; they are
+   summed per lane, flushed into per-share doubles and added share by share in order (deterministic),
+   as in phnn_step.c. */
+
+#define LANES 8
+#define FLUSH_BLOCKS 64
+#define MAX_WEIGHTS (2 * (MAX_DIM * MAX_WIDTH + MAX_WIDTH + MAX_WIDTH * MAX_DIM + MAX_DIM) + 4 * MAX_DIM * MAX_DIM + \
+                     MAX_DIM * MAX_DIM + 2 * MAX_DIM + 1 + 2 * MAX_DIM * MAX_DIM + MAX_DIM)
+#define EACH _Pragma("GCC unroll 1") for (int l = 0; l < LANES; l++) /* one vector op over the block's lanes */
+
+typedef float Lanes[LANES];
+
+/* One potential (G or V) forward for a block, keeping its pre-activations and activations. */
+INLINE void potential_forward(const float *w, const Lanes *q, Lanes *z, Lanes *a, Lanes *out, const int d,
+                              const int hidden, const int activation) {
+    const float *b1 = w + d * hidden, *w2 = b1 + hidden, *b2 = w2 + hidden * d;
+    for (int j = 0; j < hidden; j++) {
+        EACH z[j][l] = b1[j];
+        for (int c = 0; c < d; c++) {
+            const float weight = w[j * d + c];
+            EACH z[j][l] += weight * q[c][l];
+        }
+        if (activation == RELU)
+            EACH a[j][l] = z[j][l] > 0.0f ? z[j][l] : 0.0f;
+        else
+            EACH a[j][l] = tanhf(z[j][l]);
+    }
+    for (int k = 0; k < d; k++) {
+        EACH out[k][l] = b2[k];
+        for (int j = 0; j < hidden; j++) {
+            const float weight = w2[k * hidden + j];
+            EACH out[k][l] += weight * a[j][l];
+        }
+    }
+}
+
+/* Its backward from dL/dout: adds the weights' gradients to acc (same layout, per lane). */
+INLINE void potential_backward(const float *w, float *acc, const Lanes *q, const Lanes *z, const Lanes *a,
+                               const Lanes *bar_out, const int d, const int hidden, const int activation) {
+    const int b1 = d * hidden, w2 = b1 + hidden, b2 = w2 + hidden * d;
+    for (int k = 0; k < d; k++) EACH acc[(b2 + k) * LANES + l] += bar_out[k][l];
+    for (int j = 0; j < hidden; j++) {
+        Lanes bar_z;
+        EACH bar_z[l] = 0.0f;
+        for (int k = 0; k < d; k++) {
+            const float weight = w[w2 + k * hidden + j];
+            EACH acc[(w2 + k * hidden + j) * LANES + l] += bar_out[k][l] * a[j][l], bar_z[l] += bar_out[k][l] * weight;
+        }
+        if (activation == RELU)
+            EACH bar_z[l] = z[j][l] > 0.0f ? bar_z[l] : 0.0f;
+        else
+            EACH bar_z[l] *= 1.0f - a[j][l] * a[j][l];
+        EACH acc[(b1 + j) * LANES + l] += bar_z[l];
+        for (int c = 0; c < d; c++) EACH acc[(j * d + c) * LANES + l] += bar_z[l] * q[c][l];
+    }
+}
+
+INLINE void backward_block(const Kernel *kernel, const float *grad, const float *p_in, const float *grad_update,
+                           const float *grad_p_next, float *grad_p, float *acc, const int d, const int hidden,
+                           const int activation, const int preprocess) {
+    const float threshold = kernel->scalars[0], log_divisor = kernel->scalars[1], small_scale = kernel->scalars[2];
+    const float out_mul = kernel->scalars[3];
+    const float *w = kernel->weights;
+    const int potential_size = (d + 1) * hidden + (hidden + 1) * d;
+    const int G = 0, V = potential_size, D = 2 * potential_size, M = D + 4 * d * d, w_out = M + d * d,
+              b_out = w_out + 2 * d, w1 = b_out + 1, b1 = w1 + 2 * d * d;
+    Lanes q[MAX_DIM], p[MAX_DIM], g_q[MAX_DIM], v[MAX_DIM], d_q[MAX_DIM], d_p[MAX_DIM], q_dot[MAX_DIM],
+        force[MAX_DIM], p_dot[MAX_DIM];
+    Lanes z_g[MAX_WIDTH], a_g[MAX_WIDTH], z_v[MAX_WIDTH], a_v[MAX_WIDTH];
+    if (preprocess) {
+        EACH {
+            const float g = grad[l], magnitude = fabsf(g);
+            const int large = magnitude >= threshold;
+            const float log_magnitude = log_nonnegative(magnitude) / log_divisor;
+            const float sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
+            q[0][l] = large ? log_magnitude : -1.0f;
+            q[1][l] = large ? sign : g * small_scale;
+        }
+    } else {
+        EACH q[0][l] = grad[l];
+    }
+    for (int k = 0; k < d; k++) EACH p[k][l] = p_in[l * d + k];
+    potential_forward(w + G, q, z_g, a_g, g_q, d, hidden, activation);
+    potential_forward(w + V, q, z_v, a_v, v, d, hidden, activation);
+    for (int k = 0; k < d; k++) {
+        EACH d_q[k][l] = 0.0f, d_p[k][l] = 0.0f;
+        for (int c = 0; c < d; c++) {
+            const float dqv = w[D + k * 2 * d + c], dqp = w[D + k * 2 * d + d + c],
+                        dpv = w[D + (d + k) * 2 * d + c], dpp = w[D + (d + k) * 2 * d + d + c];
+            EACH d_q[k][l] += dqv * v[c][l] + dqp * p[c][l], d_p[k][l] += dpv * v[c][l] + dpp * p[c][l];
+        }
+        EACH q_dot[k][l] = p[k][l] - d_q[k][l], force[k][l] = -v[k][l] - d_p[k][l] + g_q[k][l];
+    }
+    for (int k = 0; k < d; k++) {
+        EACH p_dot[k][l] = 0.0f;
+        for (int c = 0; c < d; c++) {
+            const float m = w[M + c * d + k];
+            EACH p_dot[k][l] += force[c][l] * m;
+        }
+    }
+
+    /* update = out_mul (W_out [q̇, q] + b_out); p' = W1 [q̇, ṗ] + b1 */
+    Lanes bar_raw, bar_q_dot[MAX_DIM], bar_p_dot[MAX_DIM], bar_force[MAX_DIM], bar_v[MAX_DIM], bar_p[MAX_DIM];
+    EACH bar_raw[l] = out_mul * grad_update[l];
+    EACH acc[b_out * LANES + l] += bar_raw[l];
+    for (int c = 0; c < d; c++) {
+        const float wq = w[w_out + c];
+        EACH acc[(w_out + c) * LANES + l] += bar_raw[l] * q_dot[c][l];
+        EACH acc[(w_out + d + c) * LANES + l] += bar_raw[l] * q[c][l];
+        EACH bar_q_dot[c][l] = bar_raw[l] * wq, bar_p_dot[c][l] = 0.0f;
+    }
+    for (int k = 0; k < d; k++) {
+        EACH acc[(b1 + k) * LANES + l] += grad_p_next[l * d + k];
+        for (int c = 0; c < d; c++) {
+            const float wq = w[w1 + k * 2 * d + c], wp = w[w1 + k * 2 * d + d + c];
+            EACH {
+                const float bar = grad_p_next[l * d + k];
+                acc[(w1 + k * 2 * d + c) * LANES + l] += bar * q_dot[c][l];
+                acc[(w1 + k * 2 * d + d + c) * LANES + l] += bar * p_dot[c][l];
+                bar_q_dot[c][l] += bar * wq, bar_p_dot[c][l] += bar * wp;
+            }
+        }
+    }
+    for (int c = 0; c < d; c++) { /* ṗ_k = Σ_c force_c M_ck */
+        EACH bar_force[c][l] = 0.0f;
+        for (int k = 0; k < d; k++) {
+            const float m = w[M + c * d + k];
+            EACH acc[(M + c * d + k) * LANES + l] += force[c][l] * bar_p_dot[k][l], bar_force[c][l] += bar_p_dot[k][l] * m;
+        }
+    }
+    /* force = −v − D_p + G(q), q̇ = p − D_q, [D_q, D_p] = D [v, p] */
+    for (int c = 0; c < d; c++) EACH bar_v[c][l] = -bar_force[c][l], bar_p[c][l] = bar_q_dot[c][l];
+    for (int k = 0; k < d; k++) {
+        for (int c = 0; c < d; c++) {
+            const float dqv = w[D + k * 2 * d + c], dqp = w[D + k * 2 * d + d + c],
+                        dpv = w[D + (d + k) * 2 * d + c], dpp = w[D + (d + k) * 2 * d + d + c];
+            EACH {
+                const float bar_dq = -bar_q_dot[k][l], bar_dp = -bar_force[k][l];
+                acc[(D + k * 2 * d + c) * LANES + l] += bar_dq * v[c][l];
+                acc[(D + k * 2 * d + d + c) * LANES + l] += bar_dq * p[c][l];
+                acc[(D + (d + k) * 2 * d + c) * LANES + l] += bar_dp * v[c][l];
+                acc[(D + (d + k) * 2 * d + d + c) * LANES + l] += bar_dp * p[c][l];
+                bar_v[c][l] += bar_dq * dqv + bar_dp * dpv, bar_p[c][l] += bar_dq * dqp + bar_dp * dpp;
+            }
+        }
+    }
+    potential_backward(w + G, acc + G * LANES, q, z_g, a_g, bar_force, d, hidden, activation);
+    potential_backward(w + V, acc + V * LANES, q, z_v, a_v, bar_v, d, hidden, activation);
+    for (int k = 0; k < d; k++) EACH grad_p[l * d + k] = bar_p[k][l];
+}
+
+INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first, int64_t n, int share, const int d,
+                         const int hidden, const int activation, const int preprocess) {
+    const int sums = 2 * ((d + 1) * hidden + (hidden + 1) * d) + 4 * d * d + d * d + 2 * d + 1 + 2 * d * d + d;
+    double *totals = kernel->totals + (int64_t)share * MAX_WEIGHTS;
+    const float *p = kernel->state[0] + first * d, *grad_update = kernel->state[1] + first,
+                *grad_p_next = kernel->state[2] + first * d;
+    float *grad_p = kernel->state[3] + first * d;
+    float lanes[MAX_WEIGHTS * LANES];
+    memset(lanes, 0, sizeof(float) * sums * LANES);
+    for (int64_t i = 0, blocks = 1; i < n; i += LANES, blocks++) {
+        if (i + LANES <= n) {
+            backward_block(kernel, grad + i, p + i * d, grad_update + i, grad_p_next + i * d, grad_p + i * d, lanes, d,
+                           hidden, activation, preprocess);
+        } else { /* the last, partial block: padded with zeros and no upstream gradient */
+            float tail_grad[LANES] = {0}, tail_p[LANES * MAX_DIM] = {0}, tail_update[LANES] = {0},
+                  tail_p_next[LANES * MAX_DIM] = {0}, tail_grad_p[LANES * MAX_DIM];
+            memcpy(tail_grad, grad + i, sizeof(float) * (n - i));
+            memcpy(tail_p, p + i * d, sizeof(float) * (n - i) * d);
+            memcpy(tail_update, grad_update + i, sizeof(float) * (n - i));
+            memcpy(tail_p_next, grad_p_next + i * d, sizeof(float) * (n - i) * d);
+            backward_block(kernel, tail_grad, tail_p, tail_update, tail_p_next, tail_grad_p, lanes, d, hidden,
+                           activation, preprocess);
+            memcpy(grad_p + i * d, tail_grad_p, sizeof(float) * (n - i) * d);
+        }
+        if (blocks % FLUSH_BLOCKS == 0 || i + LANES >= n) {
+            for (int k = 0; k < sums * LANES; k++) totals[k / LANES] += lanes[k];
+            memset(lanes, 0, sizeof(float) * sums * LANES);
+        }
+    }
+}
+
+/* grad_p is found through kernel->state[3]: it holds dim floats per coordinate, not one. */
+static void backward_segment(const Kernel *kernel, const float *grad, float *unused, int64_t first, int64_t n,
+                             int share) {
+    (void)unused;
+    const int *shape = kernel->shape; /* dim, hidden, depth, activation, preprocess */
+    if (shape[0] == 2 && shape[1] == 2 && shape[3] == RELU && shape[4])
+        backward_run(kernel, grad, first, n, share, 2, 2, RELU, 1);
+    else
+        backward_run(kernel, grad, first, n, share, shape[0], shape[1], shape[3], shape[4]);
+}
+
+int hnn_seed_step_backward(int64_t n, const float *grad, float *const *state, float *grad_p, const float *weights,
+                           const int *shape, const float *scalars, double *grad_weights, int threads) {
+    if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] != 1 ||
+        (shape[3] != RELU && shape[3] != TANH))
+        return -1;
+    const int d = shape[0], hidden = shape[1];
+    const int sums = 2 * ((d + 1) * hidden + (hidden + 1) * d) + 4 * d * d + d * d + 2 * d + 1 + 2 * d * d + d;
+    double *totals = calloc((size_t)MAX_THREADS * MAX_WEIGHTS, sizeof(double));
+    if (!totals) return -2;
+    float *const buffers[4] = {state[0], state[1], state[2], grad_p};
+    const Kernel kernel = {buffers, weights, shape, scalars, totals};
+    const int shares = run_threads(backward_segment, &kernel, 1, &n, &grad_p, (const float *const *)&grad, threads);
+    for (int k = 0; k < sums; k++) {
+        double sum = 0.0;
+        for (int t = 0; t < shares; t++) sum += totals[(int64_t)t * MAX_WEIGHTS + k];
+        grad_weights[k] = sum;
+    }
+    free(totals);
     return 0;
 }

@@ -169,7 +169,7 @@ int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, cons
 /* ---- Backward, for meta-training: the gradients of one step w.r.t. p and every weight. ----
 
    For the usual phnn only (everything learned, not sign-equivariant), first-order: g is a constant.
-   state: p, v (normalize; else unused), dL/dΔθ, dL/dp' (all [total]); writes dL/dp into `params`.
+   state: p, dL/dΔθ, dL/dp', v (normalize; else unused) (all [total]); writes dL/dp into grad_p.
    The weights' gradients are summed per coordinate lane (LANES independent float sums, so the loop
    vectorises without reassociation), flushed into per-share double sums every FLUSH_BLOCKS blocks and
    added share by share in order, so the result does not depend on thread timing. Their layout is the
@@ -303,8 +303,8 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, float *grad_p,
     const int F = preprocess ? 2 : 1;
     const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2;
     double *totals = kernel->totals + (int64_t)share * (MAX_WEIGHTS + 2);
-    const float *p = kernel->state[0] + first, *v = kernel->state[1] + first, *grad_update = kernel->state[2] + first,
-                *grad_p_next = kernel->state[3] + first;
+    const float *p = kernel->state[0] + first, *grad_update = kernel->state[1] + first,
+                *grad_p_next = kernel->state[2] + first, *v = kernel->state[3] + first;
     float lanes[(MAX_WEIGHTS + 2) * LANES];
     memset(lanes, 0, sizeof(float) * sums * LANES);
     for (int64_t i = 0, blocks = 1; i < n; i += LANES, blocks++) {
