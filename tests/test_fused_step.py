@@ -20,6 +20,7 @@ from jobs.benchmarks.common import off_initialisation
 from metaopt.optimizers import make_optimizer, native
 from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable
 from metaopt.optimizers.torch_optim import LearnedOptimizer
+from tests.test_torch_optim import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,17 +115,6 @@ def model_and_data(seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3)).to(dtype)
     return model, torch.randn(64, 8, dtype=dtype), torch.randint(0, 3, (64,))
-
-
-def train(model, optimizer, x, y, steps: int) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
 
 
 @pytest.mark.parametrize("kind", ["hnn_seed", "phnn"])

@@ -75,6 +75,17 @@ static inline float log_nonnegative(float x) {
     return x == 0.0f ? -INFINITY : finite;
 }
 
+/* Andrychowicz et al.'s preprocessing (metaopt/optimizers/features.py) of g: (log|g| / p, sign g) where
+   |g| >= e^-p, else (-1, e^p g); branch-free, so that it vectorises. */
+INLINE void log_sign(const float g, const float threshold, const float p, const float e_p, float *magnitude_feature,
+                     float *direction) {
+    const float magnitude = fabsf(g), log_magnitude = log_nonnegative(magnitude) / p;
+    const float sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
+    const int large = magnitude >= threshold;
+    *magnitude_feature = large ? log_magnitude : -1.0f;
+    *direction = large ? sign : g * e_p;
+}
+
 static void *run_share(void *arg) {
     const Share *share = arg;
     int64_t offset = 0; /* first coordinate of the current segment */

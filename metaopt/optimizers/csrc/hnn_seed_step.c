@@ -67,13 +67,8 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
                 *b_out = w_out + 2 * d, *w1 = b_out + 1, *b1 = w1 + 2 * d * d;
     for (int64_t j = 0; j < n; j++) {
         float q[MAX_DIM], p[MAX_DIM], g_q[MAX_DIM], v[MAX_DIM], q_dot[MAX_DIM], force[MAX_DIM], p_dot[MAX_DIM];
-        if (preprocess) { /* (log|g| / p, sign g) where |g| >= e^-p, else (-1, e^p g); branch-free */
-            const float g = grad[j], magnitude = fabsf(g);
-            const int large = magnitude >= threshold;
-            const float log_magnitude = log_nonnegative(magnitude) / log_divisor;
-            const float sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
-            q[0] = large ? log_magnitude : -1.0f;
-            q[1] = large ? sign : g * small_scale;
+        if (preprocess) {
+            log_sign(grad[j], threshold, log_divisor, small_scale, &q[0], &q[1]);
         } else {
             q[0] = grad[j];
         }
@@ -198,14 +193,7 @@ INLINE void backward_block(const Kernel *kernel, const float *grad, const float 
         force[MAX_DIM], p_dot[MAX_DIM];
     Lanes z_g[MAX_WIDTH], a_g[MAX_WIDTH], z_v[MAX_WIDTH], a_v[MAX_WIDTH];
     if (preprocess) {
-        EACH {
-            const float g = grad[l], magnitude = fabsf(g);
-            const int large = magnitude >= threshold;
-            const float log_magnitude = log_nonnegative(magnitude) / log_divisor;
-            const float sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
-            q[0][l] = large ? log_magnitude : -1.0f;
-            q[1][l] = large ? sign : g * small_scale;
-        }
+        EACH log_sign(grad[l], threshold, log_divisor, small_scale, &q[0][l], &q[1][l]);
     } else {
         EACH q[0][l] = grad[l];
     }

@@ -91,19 +91,15 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
             v_state[i] = v;
             g = g / (sqrtf(v / correction) + 1e-8f);
         }
-        /* f: (log|g| / p, sign g) where |g| >= e^-p, else (-1, e^p g), branch-free; or g. With
-           `equivariant` the networks see only the even part (log|g| / p, or |g|) and `odd` the rest. */
+        /* f: log_sign(g), or g. With `equivariant` the networks see only the even part (log|g| / p, or
+           |g|) and `odd` the rest. */
         float f[2], odd = 1.0f;
-        const float magnitude = fabsf(g), sign = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
         if (preprocess) {
-            const float log_magnitude = log_nonnegative(magnitude) / log_divisor;
-            const int large = magnitude >= threshold;
-            f[0] = large ? log_magnitude : -1.0f;
-            f[1] = large ? sign : g * small_scale;
+            log_sign(g, threshold, log_divisor, small_scale, &f[0], &f[1]);
             odd = f[1];
         } else {
-            f[0] = equivariant ? magnitude : g;
-            odd = sign;
+            f[0] = equivariant ? fabsf(g) : g;
+            odd = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
         }
         const float p = p_state[i];
         const float dh_dp =
@@ -202,13 +198,7 @@ INLINE void backward_block(const Kernel *kernel, const float *grad, const float 
     EACH g[l] = grad[l];
     if (normalize) EACH g[l] = g[l] / (sqrtf((beta * v[l] + one_minus_beta * g[l] * g[l]) / correction) + 1e-8f);
     if (preprocess) {
-        EACH {
-            const float magnitude = fabsf(g[l]), log_magnitude = log_nonnegative(magnitude) / log_divisor;
-            const float sign = (g[l] > 0.0f ? 1.0f : 0.0f) - (g[l] < 0.0f ? 1.0f : 0.0f);
-            const int large = magnitude >= threshold;
-            f[0][l] = large ? log_magnitude : -1.0f;
-            f[1][l] = large ? sign : g[l] * small_scale;
-        }
+        EACH log_sign(g[l], threshold, log_divisor, small_scale, &f[0][l], &f[1][l]);
     } else {
         EACH f[0][l] = g[l];
     }
