@@ -69,7 +69,10 @@ def _load(source: Path) -> ctypes.CDLL:
     if compiler is None:
         raise NativeUnavailable(
             f"no C compiler {compiler_name!r} on PATH to build {source.name}; install gcc or clang, or set CC")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise NativeUnavailable(f"the C compiler {compiler} does not run ({error})") from error
     texts = [path.read_text() for path in (source, *sorted(source.parent.glob("*.h")))]
     key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _machine()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
@@ -92,7 +95,11 @@ def _load(source: Path) -> ctypes.CDLL:
     finally:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
-    return ctypes.CDLL(str(target))
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as error:  # e.g. a cache on a noexec mount
+        raise NativeUnavailable(f"built {target} but cannot load it ({error}); set METAOPT_CACHE_DIR to another "
+                                "folder") from error
 
 
 def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[Tensor], weights: Tensor,

@@ -1,12 +1,17 @@
-/* Shared by the fused step kernels: a vectorisable log, and the loop that splits the coordinates of
-   all parameters across threads.
+/* Shared by the fused step kernels: a vectorisable log and log/sign preprocessing, the loop that
+   splits the coordinates of all parameters across threads, and the backward kernels' summing.
 
    Every kernel exports
      int NAME(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
               float *const *state, const float *weights, const int *shape, const float *scalars, int threads)
    where params[s] and grads[s] hold sizes[s] floats, state[i] are the optimizer's flat state buffers
-   (over all segments, in order), and shape / scalars are the kernel's own settings. It returns 0, or
-   -1 for settings it does not take. */
+   (over all segments, in order), and shape / scalars are the kernel's own settings; and, for
+   meta-training,
+     int NAME_backward(int64_t n, const float *grad, float *const *state, float *grad_p,
+                       const float *weights, const int *shape, const float *scalars,
+                       double *grad_weights, int threads)
+   with state = (p, dL/dupdate, dL/dp', the kernel's other states), which writes dL/dp and the summed
+   gradients of the weights. Both return 0, or -1 for settings they do not take. */
 
 #ifndef METAOPT_FUSED_COMMON_H
 #define METAOPT_FUSED_COMMON_H
@@ -15,12 +20,21 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
 #define ALIGN 64
 #define MAX_THREADS 64 /* also the most shares a backward kernel's totals must hold */
 #define MIN_COORDINATES_PER_THREAD 32768
+
+/* Backward kernels work on blocks of LANES coordinates, a statement at a time over the block (EACH:
+   one vector operation; gcc must not unroll it, or it stops vectorising). Each lane sums the weights'
+   gradients in its own floats, flushed into per-share doubles every FLUSH_BLOCKS blocks. */
+#define LANES 8
+#define FLUSH_BLOCKS 64
+#define EACH _Pragma("GCC unroll 1") for (int l = 0; l < LANES; l++)
+typedef float Lanes[LANES];
 
 typedef struct {
     float *const *state;
@@ -123,6 +137,23 @@ static int run_threads(StepFn step, const Kernel *kernel, int64_t segments, cons
     run_share(&shares[0]);
     for (int t = 1; t < started; t++) pthread_join(workers[t], 0);
     return threads;
+}
+
+/* Runs a backward kernel's step over the n coordinates of one segment, each share summing the
+   weights' gradients into kernel.totals[share * stride + k], then adds the shares in order into
+   grad_weights[0..sums): the result does not depend on thread timing. Returns 0, or -2 without memory. */
+static int run_backward(StepFn step, Kernel kernel, int64_t n, const float *grad, float *grad_p, int sums, int stride,
+                        double *grad_weights, int threads) {
+    kernel.totals = calloc((size_t)MAX_THREADS * stride, sizeof(double));
+    if (!kernel.totals) return -2;
+    const int shares = run_threads(step, &kernel, 1, &n, &grad_p, (const float *const *)&grad, threads);
+    for (int k = 0; k < sums; k++) {
+        double sum = 0.0;
+        for (int t = 0; t < shares; t++) sum += kernel.totals[(int64_t)t * stride + k];
+        grad_weights[k] = sum;
+    }
+    free(kernel.totals);
+    return 0;
 }
 
 #endif

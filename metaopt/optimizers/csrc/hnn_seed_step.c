@@ -11,8 +11,6 @@
      V: the same
      D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim] */
 
-#include <stdlib.h>
-
 #include "fused_common.h"
 
 #define MAX_DIM 2
@@ -127,13 +125,8 @@ int hnn_seed_step(int64_t segments, const int64_t *sizes, float *const *params, 
    summed per lane, flushed into per-share doubles and added share by share in order (deterministic),
    as in phnn_step.c. */
 
-#define LANES 8
-#define FLUSH_BLOCKS 64
 #define MAX_WEIGHTS (2 * (MAX_DIM * MAX_WIDTH + MAX_WIDTH + MAX_WIDTH * MAX_DIM + MAX_DIM) + 4 * MAX_DIM * MAX_DIM + \
                      MAX_DIM * MAX_DIM + 2 * MAX_DIM + 1 + 2 * MAX_DIM * MAX_DIM + MAX_DIM)
-#define EACH _Pragma("GCC unroll 1") for (int l = 0; l < LANES; l++) /* one vector op over the block's lanes */
-
-typedef float Lanes[LANES];
 
 /* One potential (G or V) forward for a block, keeping its pre-activations and activations. */
 INLINE void potential_forward(const float *w, const Lanes *q, Lanes *z, Lanes *a, Lanes *out, const int d,
@@ -316,16 +309,7 @@ int hnn_seed_step_backward(int64_t n, const float *grad, float *const *state, fl
         return -1;
     const int d = shape[0], hidden = shape[1];
     const int sums = 2 * ((d + 1) * hidden + (hidden + 1) * d) + 4 * d * d + d * d + 2 * d + 1 + 2 * d * d + d;
-    double *totals = calloc((size_t)MAX_THREADS * MAX_WEIGHTS, sizeof(double));
-    if (!totals) return -2;
     float *const buffers[4] = {state[0], state[1], state[2], grad_p};
-    const Kernel kernel = {buffers, weights, shape, scalars, totals};
-    const int shares = run_threads(backward_segment, &kernel, 1, &n, &grad_p, (const float *const *)&grad, threads);
-    for (int k = 0; k < sums; k++) {
-        double sum = 0.0;
-        for (int t = 0; t < shares; t++) sum += totals[(int64_t)t * MAX_WEIGHTS + k];
-        grad_weights[k] = sum;
-    }
-    free(totals);
-    return 0;
+    const Kernel kernel = {buffers, weights, shape, scalars, 0};
+    return run_backward(backward_segment, kernel, n, grad, grad_p, sums, MAX_WEIGHTS, grad_weights, threads);
 }

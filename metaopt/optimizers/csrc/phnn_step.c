@@ -22,8 +22,6 @@
      dissipation W [hidden, features], b [hidden], w [hidden], c [1]
      port W [hidden, features], b [hidden], W_out [2, hidden] (gain, offset), b_out [2] */
 
-#include <stdlib.h>
-
 #include "fused_common.h"
 
 #define MAX_WIDTH 64
@@ -171,13 +169,8 @@ int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, cons
    added share by share in order, so the result does not depend on thread timing. Their layout is the
    weights' one, then dL/dh and dL/dA₀. */
 
-#define LANES 8
-#define FLUSH_BLOCKS 64
 #define MAX_WEIGHTS (MAX_WIDTH * 5 + MAX_WIDTH * 4 + 1 + MAX_WIDTH * 5 + 2)
 
-#define EACH _Pragma("GCC unroll 1") for (int l = 0; l < LANES; l++) /* one vector op over the block's lanes */
-
-typedef float Lanes[LANES];
 
 /* The backward of LANES consecutive coordinates, written lane-wise so that every statement vectorises;
    the weights' gradients are added to acc[k * LANES + lane]. */
@@ -336,15 +329,6 @@ int phnn_step_backward(int64_t n, const float *grad, float *const *state, float 
     if (shape[0] < 1 || shape[0] > MAX_WIDTH || !shape[2] || !shape[3] || !shape[4] || shape[6]) return -1;
     const int F = shape[1] ? 2 : 1, hidden = shape[0];
     const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2;
-    double *totals = calloc((size_t)MAX_THREADS * (MAX_WEIGHTS + 2), sizeof(double));
-    if (!totals) return -2;
-    const Kernel kernel = {state, weights, shape, scalars, totals};
-    const int shares = run_threads(backward_segment, &kernel, 1, &n, &grad_p, (const float *const *)&grad, threads);
-    for (int k = 0; k < sums; k++) {
-        double sum = 0.0;
-        for (int t = 0; t < shares; t++) sum += totals[(int64_t)t * (MAX_WEIGHTS + 2) + k];
-        grad_weights[k] = sum;
-    }
-    free(totals);
-    return 0;
+    const Kernel kernel = {state, weights, shape, scalars, 0};
+    return run_backward(backward_segment, kernel, n, grad, grad_p, sums, MAX_WEIGHTS + 2, grad_weights, threads);
 }
