@@ -101,7 +101,7 @@ def run(sizes: list[int], kinds: list[str], compiled: list[str], device: torch.d
             for kind in kinds:
                 builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(checkpoints[kind], params,
                                                                                   fused=False)
-                if LEARNED[kind].has_fused_step and device.type == "cpu":
+                if LEARNED[kind].fused_kernel and device.type == "cpu":
                     builders[f"{kind} (fused)"] = lambda params, kind=kind: metaopt.load_optimizer(
                         checkpoints[kind], params, fused=True)
             for kind in compiled:

@@ -31,7 +31,7 @@ class Optimizer(ABC):
 
     kind: ClassVar[str]
     learned: ClassVar[bool] = False
-    has_fused_step: ClassVar[bool] = False
+    fused_kernel: ClassVar[str | None] = None  # csrc/{fused_kernel}.c, for optimizers with a native step
 
     def init_meta_params(self, seed: int = 0) -> MetaParams:
         """The meta-parameters a meta-trainer learns; empty for hand-designed optimizers."""
@@ -50,9 +50,14 @@ class Optimizer(ABC):
     def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
                    step: int, lr: float) -> None:
         """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
-        overwritten, in one native pass; for optimizers with ``has_fused_step``. Raises
-        ``FusedUnsupported`` for inputs it does not take (device, dtype) and ``NativeUnavailable``
-        where its kernel cannot be built."""
+        overwritten, in one pass of the native kernel ``fused_kernel``. Raises ``FusedUnsupported``
+        for inputs or options it does not take and ``NativeUnavailable`` where it cannot be built."""
+        weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
+        run_fused(self.fused_kernel, params, grads, [state[key] for key in self.init_state(torch.zeros(0))],
+                  weights, shape, scalars)
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
+        """The kernel's packed weights, shape and scalars; ``FusedUnsupported`` for options it does not take."""
         raise FusedUnsupported(f"optimizer {self.kind!r} has no fused step")
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -101,13 +106,8 @@ class NetworkOptimizer(Optimizer):
         return torch.func.functional_call(self.network, meta_params, inputs, kwargs)
 
     # Fused meta-training: subclasses with a native kernel (``csrc/{fused_kernel}.c`` and its
-    # ``_backward``) set ``fused_kernel`` and implement the three methods below.
-    fused_kernel: ClassVar[str | None] = None
+    # ``_backward``) implement ``_fused_inputs`` and the three methods below.
     fused_extra_grads: ClassVar[int] = 0  # gradients the backward kernel returns after the weights'
-
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
-        """The kernel's packed weights, shape and scalars; ``FusedUnsupported`` for options it does not take."""
-        raise FusedUnsupported(f"optimizer {self.kind!r} has no fused kernel")
 
     def _packed_names(self) -> list[str]:
         """The meta-parameters in the kernel's weights, in its order."""
@@ -136,7 +136,7 @@ class NetworkOptimizer(Optimizer):
                 and not grads.requires_grad and float32_cpu and self._fused_meta_supported()):
             return None
         try:
-            self._fused_inputs(meta_params, step, 1.0)
+            fused_inputs = self._fused_inputs(meta_params, step, 1.0)
             library(self.fused_kernel)
         except FusedUnsupported:
             return None
@@ -145,7 +145,7 @@ class NetworkOptimizer(Optimizer):
                           f"({error})")
             return None
         keys = list(state)
-        updates, *new_state = _FusedMetaStep.apply(self, list(meta_params), keys, step, grads.contiguous(),
+        updates, *new_state = _FusedMetaStep.apply(self, fused_inputs, list(meta_params), keys, grads.contiguous(),
                                                    *(state[k].contiguous() for k in keys), *meta_params.values())
         return updates, dict(zip(keys, new_state))
 
@@ -157,11 +157,10 @@ class _FusedMetaStep(torch.autograd.Function):
     running mean v) carry no gradient."""
 
     @staticmethod
-    def forward(ctx, optimizer: NetworkOptimizer, names: list[str], keys: list[str], step: int, grads: Tensor,
-                *tensors: Tensor):
+    def forward(ctx, optimizer: NetworkOptimizer, fused_inputs: tuple[Tensor, list[int], list[float]],
+                names: list[str], keys: list[str], grads: Tensor, *tensors: Tensor):
         states, values = tensors[:len(keys)], tensors[len(keys):]
-        meta_params = dict(zip(names, values))
-        weights, shape, scalars = optimizer._fused_inputs(meta_params, step, 1.0)
+        weights, shape, scalars = fused_inputs
         updates, new_states = torch.zeros_like(grads), [s.detach().clone() for s in states]
         run_fused(optimizer.fused_kernel, [updates], [grads], new_states, weights, shape, scalars)
         ctx.save_for_backward(grads, *states, *values)

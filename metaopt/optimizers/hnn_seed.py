@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported, run_fused
+from metaopt.optimizers.native import FusedUnsupported
 from metaopt.optimizers.phnn import ACTIVATIONS, Activation
 
 
@@ -65,7 +65,6 @@ class HNNSeed(NetworkOptimizer):
     """
 
     kind = "hnn_seed"
-    has_fused_step = True
     fused_kernel = "hnn_seed_step"
 
     def __init__(self, preprocess: bool = True, preprocess_p: float = 10.0, out_mul: float = 0.1,
@@ -103,11 +102,6 @@ class HNNSeed(NetworkOptimizer):
         q = log_sign_preprocess(rows, self.preprocess_p) if self.preprocess else rows[:, None]
         raw, p = self.apply(meta_params, q, state["p"].reshape(-1, self.dim))
         return self.out_mul * raw.reshape(grads.shape), {"p": p.reshape(grads.shape + (self.dim,))}
-
-    def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
-                   step: int, lr: float) -> None:
-        weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
-        run_fused("hnn_seed_step", params, grads, [state["p"]], weights, shape, scalars)
 
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         width = self.hidden or self.dim

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported, run_fused
+from metaopt.optimizers.native import FusedUnsupported
 
 HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
@@ -179,7 +179,6 @@ class PHNN(NetworkOptimizer):
     """
 
     kind = "phnn"
-    has_fused_step = True
     fused_kernel = "phnn_step"
     fused_extra_grads = 2  # dL/dh, dL/dA₀
 
@@ -271,12 +270,6 @@ class PHNN(NetworkOptimizer):
         updates, p = self.apply(meta_params, grads.reshape(-1), state["p"].reshape(-1, k))
         return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,)), **new_state}
 
-    def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
-                   step: int, lr: float) -> None:
-        weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
-        run_fused("phnn_step", params, grads, [state[key] for key in self.init_state(torch.zeros(0))], weights,
-                  shape, scalars)
-
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         """The packed weights, shape and scalars of ``csrc/phnn_step.c``; ``FusedUnsupported`` for
         options it does not take."""
@@ -292,21 +285,25 @@ class PHNN(NetworkOptimizer):
         h = float(meta_params["log_h"].detach().float().exp())
         a0 = float(meta_params["A0"].detach().float().reshape(()))
         beta = self.rms_decay
-        learned = [self.hamiltonian == "learned", self.dissipation == "learned", self.port == "learned"]
-        shape = [self.hidden, int(self.preprocess), *map(int, learned), int(self.normalize), int(self.sign_equivariant)]
+        shape = [self.hidden, int(self.preprocess), *map(int, self._learned_parts().values()), int(self.normalize),
+                 int(self.sign_equivariant)]
         scalars = [h, a0, math.exp(-10.0), 10.0, math.exp(10.0), beta, 1 - beta, 1 - beta ** (step + 1), lr]
         return weights, shape, scalars
 
+    def _learned_parts(self) -> dict[str, bool]:
+        """Which of the energy, dissipation and port are learned MLPs, in the kernel's order."""
+        return {"hamiltonian": self.hamiltonian == "learned", "dissipation": self.dissipation == "learned",
+                "port": self.port == "learned"}
+
     def _packed_names(self) -> list[str]:
-        learned = {"hamiltonian": self.hamiltonian == "learned", "dissipation": self.dissipation == "learned",
-                   "port": self.port == "learned"}
         layers = {"hamiltonian": ("0.weight", "0.bias", "2.weight"),
                   "dissipation": ("0.weight", "0.bias", "2.weight", "2.bias"),
                   "port": ("0.weight", "0.bias", "2.weight", "2.bias")}
+        learned = self._learned_parts()
         return [f"{part}.{name}" for part, names in layers.items() if learned[part] for name in names]
 
     def _fused_meta_supported(self) -> bool:
-        return self.hamiltonian == self.dissipation == self.port == "learned" and not self.sign_equivariant
+        return all(self._learned_parts().values()) and not self.sign_equivariant
 
     def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
         grads = super()._fused_meta_grads(sums, meta_params, scalars)

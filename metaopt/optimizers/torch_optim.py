@@ -53,7 +53,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                  compile: bool = False, fused: bool | None = None):
         if lr <= 0:
             raise ValueError(f"lr must be > 0 (a multiplier on the learned updates, 1.0 as trained); got {lr}")
-        if fused and not optimizer.has_fused_step:
+        if fused and optimizer.fused_kernel is None:
             raise ValueError(f"fused=True: optimizer {optimizer.kind!r} has no fused step; leave fused unset")
         if fused and compile:
             raise ValueError("fused=True and compile=True exclude each other: the fused step is not compiled")
@@ -64,7 +64,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._flat: dict[tuple[int, torch.device, torch.dtype], _FlatGroup] = {}
         self._update = torch.compile(optimizer.update) if compile else None
         self.fused = fused
-        self._use_fused = optimizer.has_fused_step and fused is not False and not compile
+        self._use_fused = optimizer.fused_kernel is not None and fused is not False and not compile
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
