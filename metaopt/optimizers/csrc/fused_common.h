@@ -42,6 +42,7 @@ typedef struct {
     const int *shape;
     const float *scalars;
     double *totals; /* backward kernels: per-share sums of the weights' gradients, share-major */
+    int sums;       /* backward kernels: how many gradients each share sums */
 } Kernel;
 
 /* Steps coordinates [first, first + n) of the concatenation, in share `share`; grad and param point
@@ -139,17 +140,24 @@ static int run_threads(StepFn step, const Kernel *kernel, int64_t segments, cons
     return threads;
 }
 
+/* Adds a block run's per-lane sums (lanes[k * LANES + lane]) into its share's totals and clears them. */
+static inline void flush_lanes(const Kernel *kernel, float *lanes, int share) {
+    double *totals = kernel->totals + (int64_t)share * kernel->sums;
+    for (int k = 0; k < kernel->sums * LANES; k++) totals[k / LANES] += lanes[k];
+    memset(lanes, 0, sizeof(float) * kernel->sums * LANES);
+}
+
 /* Runs a backward kernel's step over the n coordinates of one segment, each share summing the
-   weights' gradients into kernel.totals[share * stride + k], then adds the shares in order into
-   grad_weights[0..sums): the result does not depend on thread timing. Returns 0, or -2 without memory. */
-static int run_backward(StepFn step, Kernel kernel, int64_t n, const float *grad, float *grad_p, int sums, int stride,
-                        double *grad_weights, int threads) {
-    kernel.totals = calloc((size_t)MAX_THREADS * stride, sizeof(double));
+   kernel.sums weights' gradients into its totals, then adds the shares in order into grad_weights:
+   the result does not depend on thread timing. Returns 0, or -2 without memory. */
+static int run_backward(StepFn step, Kernel kernel, int64_t n, const float *grad, float *grad_p, double *grad_weights,
+                        int threads) {
+    kernel.totals = calloc((size_t)MAX_THREADS * kernel.sums, sizeof(double));
     if (!kernel.totals) return -2;
     const int shares = run_threads(step, &kernel, 1, &n, &grad_p, (const float *const *)&grad, threads);
-    for (int k = 0; k < sums; k++) {
+    for (int k = 0; k < kernel.sums; k++) {
         double sum = 0.0;
-        for (int t = 0; t < shares; t++) sum += kernel.totals[(int64_t)t * stride + k];
+        for (int t = 0; t < shares; t++) sum += kernel.totals[(int64_t)t * kernel.sums + k];
         grad_weights[k] = sum;
     }
     free(kernel.totals);

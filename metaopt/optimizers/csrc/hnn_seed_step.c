@@ -112,7 +112,7 @@ static void step_segment(const Kernel *kernel, const float *grad, float *param, 
 int hnn_seed_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
                   float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
     if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] < 1) return -1;
-    const Kernel kernel = {state, weights, shape, scalars, 0};
+    const Kernel kernel = {state, weights, shape, scalars, 0, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }
@@ -262,13 +262,11 @@ INLINE void backward_block(const Kernel *kernel, const float *grad, const float 
 
 INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first, int64_t n, int share, const int d,
                          const int hidden, const int activation, const int preprocess) {
-    const int sums = 2 * ((d + 1) * hidden + (hidden + 1) * d) + 4 * d * d + d * d + 2 * d + 1 + 2 * d * d + d;
-    double *totals = kernel->totals + (int64_t)share * MAX_WEIGHTS;
     const float *p = kernel->state[0] + first * d, *grad_update = kernel->state[1] + first,
                 *grad_p_next = kernel->state[2] + first * d;
     float *grad_p = kernel->state[3] + first * d;
     float lanes[MAX_WEIGHTS * LANES];
-    memset(lanes, 0, sizeof(float) * sums * LANES);
+    memset(lanes, 0, sizeof(float) * kernel->sums * LANES);
     for (int64_t i = 0, blocks = 1; i < n; i += LANES, blocks++) {
         if (i + LANES <= n) {
             backward_block(kernel, grad + i, p + i * d, grad_update + i, grad_p_next + i * d, grad_p + i * d, lanes, d,
@@ -284,10 +282,7 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first,
                            activation, preprocess);
             memcpy(grad_p + i * d, tail_grad_p, sizeof(float) * (n - i) * d);
         }
-        if (blocks % FLUSH_BLOCKS == 0 || i + LANES >= n) {
-            for (int k = 0; k < sums * LANES; k++) totals[k / LANES] += lanes[k];
-            memset(lanes, 0, sizeof(float) * sums * LANES);
-        }
+        if (blocks % FLUSH_BLOCKS == 0 || i + LANES >= n) flush_lanes(kernel, lanes, share);
     }
 }
 
@@ -310,6 +305,6 @@ int hnn_seed_step_backward(int64_t n, const float *grad, float *const *state, fl
     const int d = shape[0], hidden = shape[1];
     const int sums = 2 * ((d + 1) * hidden + (hidden + 1) * d) + 4 * d * d + d * d + 2 * d + 1 + 2 * d * d + d;
     float *const buffers[4] = {state[0], state[1], state[2], grad_p};
-    const Kernel kernel = {buffers, weights, shape, scalars, 0};
-    return run_backward(backward_segment, kernel, n, grad, grad_p, sums, MAX_WEIGHTS, grad_weights, threads);
+    const Kernel kernel = {buffers, weights, shape, scalars, 0, sums};
+    return run_backward(backward_segment, kernel, n, grad, grad_p, grad_weights, threads);
 }

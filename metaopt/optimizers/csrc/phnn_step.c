@@ -155,7 +155,7 @@ static void step_segment(const Kernel *kernel, const float *grad, float *param, 
 int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
               float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
     if (shape[0] < 1 || shape[0] > MAX_WIDTH) return -1;
-    const Kernel kernel = {state, weights, shape, scalars, 0};
+    const Kernel kernel = {state, weights, shape, scalars, 0, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }
@@ -283,13 +283,10 @@ INLINE void backward_block(const Kernel *kernel, const float *grad, const float 
 
 INLINE void backward_run(const Kernel *kernel, const float *grad, float *grad_p, int64_t first, int64_t n, int share,
                          const int hidden, const int preprocess, const int normalize) {
-    const int F = preprocess ? 2 : 1;
-    const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2;
-    double *totals = kernel->totals + (int64_t)share * (MAX_WEIGHTS + 2);
     const float *p = kernel->state[0] + first, *grad_update = kernel->state[1] + first,
                 *grad_p_next = kernel->state[2] + first, *v = kernel->state[3] + first;
     float lanes[(MAX_WEIGHTS + 2) * LANES];
-    memset(lanes, 0, sizeof(float) * sums * LANES);
+    memset(lanes, 0, sizeof(float) * kernel->sums * LANES);
     for (int64_t i = 0, blocks = 1; i < n; i += LANES, blocks++) {
         if (i + LANES <= n) {
             backward_block(kernel, grad + i, p + i, v + i, grad_update + i, grad_p_next + i, grad_p + i, lanes, hidden,
@@ -306,10 +303,7 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, float *grad_p,
                            normalize);
             for (int64_t k = i; k < n; k++) grad_p[k] = tail[5][k - i];
         }
-        if (blocks % FLUSH_BLOCKS == 0 || i + LANES >= n) {
-            for (int k = 0; k < sums * LANES; k++) totals[k / LANES] += lanes[k];
-            memset(lanes, 0, sizeof(float) * sums * LANES);
-        }
+        if (blocks % FLUSH_BLOCKS == 0 || i + LANES >= n) flush_lanes(kernel, lanes, share);
     }
 }
 
@@ -328,7 +322,7 @@ int phnn_step_backward(int64_t n, const float *grad, float *const *state, float 
                        const int *shape, const float *scalars, double *grad_weights, int threads) {
     if (shape[0] < 1 || shape[0] > MAX_WIDTH || !shape[2] || !shape[3] || !shape[4] || shape[6]) return -1;
     const int F = shape[1] ? 2 : 1, hidden = shape[0];
-    const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2;
-    const Kernel kernel = {state, weights, shape, scalars, 0};
-    return run_backward(backward_segment, kernel, n, grad, grad_p, sums, MAX_WEIGHTS + 2, grad_weights, threads);
+    const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2; /* weights, h, A₀ */
+    const Kernel kernel = {state, weights, shape, scalars, 0, sums};
+    return run_backward(backward_segment, kernel, n, grad, grad_p, grad_weights, threads);
 }
