@@ -6,20 +6,25 @@ from __future__ import annotations
 import copy
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from jobs.benchmarks.common import off_initialisation
+from metaopt.meta import make_estimator
 from metaopt.optimizers import make_optimizer, native
 from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable
 from metaopt.optimizers.torch_optim import LearnedOptimizer
+from metaopt.tasks import Quadratic, optimizee_seeds
 from tests.test_torch_optim import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +208,23 @@ def test_a_corrupt_cached_library_is_rebuilt(fresh_cache):
     assert float(result.stdout) > 0 and built.read_bytes().startswith(b"\x7fELF")
 
 
+def test_the_wheel_ships_every_kernel_source(tmp_path):
+    """A non-editable install builds the kernels from the wheel's copy of csrc/, headers included."""
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((REPO_ROOT / name).read_bytes())
+    shutil.copytree(REPO_ROOT / "metaopt", source / "metaopt", ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                            "print(build_meta.build_wheel(sys.argv[1]))", str(tmp_path / "dist")],
+                           cwd=source, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = tmp_path / "dist" / build.stdout.strip().splitlines()[-1]
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if "/csrc/" in name}
+    kernel_sources = {f"metaopt/optimizers/csrc/{path.name}" for path in (REPO_ROOT / "metaopt/optimizers/csrc").iterdir()}
+    assert kernel_sources and shipped == kernel_sources
+
+
 def test_float64_is_refused_by_fused_true_and_runs_batched_by_default():
     optimizer, meta_params = trained_like({})
     model, x, y = model_and_data(dtype=torch.float64)
@@ -296,3 +318,70 @@ def test_phnn_meta_training_without_a_compiler_warns_and_runs_batched(fresh_cach
                              tuple(w.double() for w in weights))
     for got, want in zip(grads_of, reference):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The native forward kernel's completed runs (a spy around the real kernel)."""
+    calls = []
+    real = native.run_fused
+
+    def counting(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(args[0])
+
+    monkeypatch.setattr("metaopt.optimizers.base.run_fused", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("kind", "options"), [("hnn_seed", {}), ("phnn", {"normalize": True, "sign_equivariant": True})])
+def test_no_grad_and_per_particle_updates_run_the_kernel_and_match_the_batched_update(kind, options, kernel_calls):
+    optimizer, _ = trained_like(options, kind=kind)
+    particles = [off_initialisation(optimizer.init_meta_params(0), seed, scale=0.3) for seed in range(3)]
+    stacked = {k: torch.stack([p[k] for p in particles]) for k in particles[0]}
+    generator = torch.Generator().manual_seed(5)
+    grads = gradients([3 * 4 * 500])[0].reshape(3, 4, 500)
+    state = {k: v.reshape(3, 4, 500, *v.shape[1:]) for k, v in initial_state(optimizer, 6000, generator).items()}
+    with torch.no_grad():
+        want = torch.func.vmap(optimizer.update, in_dims=(0, 0, 0, None))(stacked, grads, state, 3)
+        assert kernel_calls == []
+        got = optimizer.update_particles(stacked, grads, state, 3)
+        assert len(kernel_calls) == 3
+        single = optimizer.update_no_grad(particles[1], grads[1], {k: v[1] for k, v in state.items()}, 3)
+    for fused, batched in [(got[0], want[0]), (single[0], want[0][1])] + [(got[1][k], want[1][k]) for k in state]:
+        torch.testing.assert_close(fused, batched, rtol=1e-5, atol=1e-5 * batched.abs().max().item())
+    torch.testing.assert_close(single[1]["p"], want[1]["p"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_update_runs_batched_where_the_kernel_does_not_take_the_tensors(kernel_calls):
+    optimizer, meta_params = trained_like({}, kind="phnn")
+    grads = torch.randn(2, 30, dtype=torch.float64)
+    state = {k: v.double() for k, v in optimizer.init_state(grads).items()}
+    meta_params = {k: v.double() for k, v in meta_params.items()}
+    with torch.no_grad():
+        got = optimizer.update_no_grad(meta_params, grads, state, 0)
+        want = optimizer.update(meta_params, grads, state, 0)
+    assert kernel_calls == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_es_meta_gradient_with_the_kernel_matches_the_vmapped_update(kernel_calls, monkeypatch):
+    """PES on the quadratic through the fused per-particle updates, against the same estimate with the
+    kernel off (the class attribute patched for the second run)."""
+    optimizer, meta_params = trained_like({"normalize": True, "sign_equivariant": True}, kind="phnn")
+    config = SimpleNamespace(kind="pes", pairs=3, sigma=0.01)
+
+    def estimates():
+        estimator = make_estimator(config, Quadratic(dim=10), optimizer, unroll_length=5, episode_length=20,
+                                   seeds=lambda episode: optimizee_seeds(0, 4, "meta_train", stream=episode))
+        return [estimator.estimate(meta_params).grads for _ in range(2)]
+
+    fused = estimates()
+    assert len(kernel_calls) == 2 * 5 * 6  # estimates × steps × particles
+    monkeypatch.setattr(type(optimizer), "fused_kernel", None)
+    batched = estimates()
+    assert len(kernel_calls) == 2 * 5 * 6
+    for got, want in zip(fused, batched):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-3 * want[name].abs().max().item(),
+                                       msg=name)

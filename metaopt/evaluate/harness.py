@@ -59,7 +59,7 @@ def rollout_losses(
             break
         (grads,) = torch.autograd.grad(loss.sum(), params)
         with torch.no_grad():
-            updates, state = optimizer.update(meta_params, grads, state, step)
+            updates, state = optimizer.update_no_grad(meta_params, grads, state, step)
             params = params.detach() + updates
         if progress is not None:
             progress.update(1)

@@ -166,11 +166,11 @@ class AntitheticES(Estimator):
         direction = self.accumulated if self.persistent else noise
         particles = 2 * self.pairs
         per_particle = len(state.optimizees) // particles
-        batched_update = torch.func.vmap(self.optimizer.update, in_dims=(0, 0, 0, None))
 
         def update(params_: MetaParams, grads: Tensor, opt_state, step: int):
             split = lambda t: t.reshape(particles, per_particle, *t.shape[1:])  # noqa: E731
-            updates, new_state = batched_update(params_, split(grads), {k: split(v) for k, v in opt_state.items()}, step)
+            updates, new_state = self.optimizer.update_particles(
+                params_, split(grads), {k: split(v) for k, v in opt_state.items()}, step)
             merge = lambda t: t.reshape(particles * per_particle, *t.shape[2:])  # noqa: E731
             return merge(updates), {k: merge(v) for k, v in new_state.items()}
 

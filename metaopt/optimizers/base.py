@@ -60,6 +60,34 @@ class Optimizer(ABC):
         """The kernel's packed weights, shape and scalars; ``FusedUnsupported`` for options it does not take."""
         raise FusedUnsupported(f"optimizer {self.kind!r} has no fused step")
 
+    def update_no_grad(self, meta_params: MetaParams, grads: Tensor, state: OptState,
+                       step: int) -> tuple[Tensor, OptState]:
+        """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
+        takes the tensors (float32 CPU, the options it covers), else ``update``."""
+        if self.fused_kernel is not None:
+            updates = torch.zeros_like(grads)
+            new_state = {key: value.clone() for key, value in state.items()}
+            try:
+                self.fused_step(meta_params, [updates], [grads], new_state, step, 1.0)
+                return updates, new_state
+            except FusedUnsupported:
+                pass
+            except NativeUnavailable as error:
+                warnings.warn(f"{self.kind} runs the batched update: the fused kernel cannot be built ({error})")
+        return self.update(meta_params, grads, state, step)
+
+    def update_particles(self, meta_params: MetaParams, grads: Tensor, state: OptState,
+                         step: int) -> tuple[Tensor, OptState]:
+        """``update_no_grad`` for P particles that each have their own meta-parameters: every tensor
+        argument has a leading axis of size P. Vectorised with ``torch.func.vmap``; optimizers with a
+        fused kernel run it once per particle on the CPU instead."""
+        if self.fused_kernel is None or grads.device.type != "cpu":
+            return torch.func.vmap(self.update, in_dims=(0, 0, 0, None))(meta_params, grads, state, step)
+        results = [self.update_no_grad({k: v[i] for k, v in meta_params.items()}, grads[i],
+                                       {k: v[i] for k, v in state.items()}, step) for i in range(len(grads))]
+        return torch.stack([updates for updates, _ in results]), {
+            key: torch.stack([new_state[key] for _, new_state in results]) for key in state}
+
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this optimizer (JSON-serialisable)."""
         names = inspect.signature(type(self).__init__).parameters
