@@ -113,6 +113,19 @@ def test_resume_continues_exactly(tmp_path, estimator_kind):
     assert [h["meta_loss"] for h in straight.history] == [h["meta_loss"] for h in resumed.history]
 
 
+def test_resuming_a_finished_run_in_a_new_folder_returns_a_checkpoint_there(tmp_path):
+    """What PBT does when it copies a finished trial's last checkpoint into another trial."""
+    config = train_config(meta_steps=3)
+    finished = MetaTrainer(config, tmp_path / "finished").train(show_progress=False)
+    copy = MetaTrainer(config, tmp_path / "copy")
+    copy.resume(finished)
+    final = copy.train(show_progress=False)
+    assert final.parent == tmp_path / "copy" / "checkpoints" and copy.meta_step == 3
+    _, weights, _ = load_checkpoint(final)
+    for name, value in copy.meta_params.items():
+        assert torch.equal(weights[name], value), name
+
+
 def test_same_seed_same_result_and_training_beats_initialisation(tmp_path):
     config = train_config(meta_steps=30, batch_size=32, episode_length=50, unroll=10, eval_every=30,
                           eval_runs=32, meta_lr=0.01, estimator={"second_order": True})

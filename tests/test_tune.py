@@ -159,8 +159,10 @@ def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
     if searcher == "optuna":
         path = write_search(tmp_path, {"samples": 2, "searcher": "optuna", "scheduler": "fifo"})
     else:
-        # Long enough that both trials are running whenever one reaches a perturbation point.
-        path = write_search(tmp_path, {"samples": 2, "scheduler": "pbt"}, space={}, set={"train.meta_steps": 40},
+        # PBT exploits only while both trials run (it ignores finished ones): long enough that the trials,
+        # started a few seconds apart, overlap for several perturbation points (at 40 meta-steps, 1 of 8
+        # runs had none).
+        path = write_search(tmp_path, {"samples": 2, "scheduler": "pbt"}, space={}, set={"train.meta_steps": 80},
                             pbt={"perturbation_interval": 4,
                                  "mutations": {"train.meta_lr": {"loguniform": [0.0001, 0.01]},
                                                "train.unroll": {"choice": [4, 5]}}})

@@ -147,7 +147,9 @@ class MetaTrainer:
                 if on_checkpoint:
                     on_checkpoint(checkpoint, metrics)
         bar.close()
-        return list_checkpoints(self.checkpoint_dir)[-1]
+        found = list_checkpoints(self.checkpoint_dir)
+        # empty when this run resumed from a finished run's checkpoint in another folder (a PBT exploit)
+        return found[-1] if found else self.save()
 
     def save(self, name: str | None = None) -> Path:
         """Checkpoint everything needed to continue exactly, and the metrics so far."""
