@@ -385,3 +385,15 @@ def test_es_meta_gradient_with_the_kernel_matches_the_vmapped_update(kernel_call
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-3 * want[name].abs().max().item(),
                                        msg=name)
+
+
+def test_particles_of_options_the_kernel_refuses_are_vmapped(kernel_calls):
+    optimizer, meta_params = trained_like({"integrator": "leapfrog"}, kind="phnn")
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in meta_params.items()}
+    grads = torch.randn(2, 3, 40)
+    state = {k: torch.randn(2, *v.shape) for k, v in optimizer.init_state(grads[0]).items()}
+    with torch.no_grad():
+        got = optimizer.update_particles(stacked, grads, state, 2)
+        want = torch.func.vmap(optimizer.update, in_dims=(0, 0, 0, None))(stacked, grads, state, 2)
+    assert kernel_calls == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -79,14 +79,24 @@ class Optimizer(ABC):
     def update_particles(self, meta_params: MetaParams, grads: Tensor, state: OptState,
                          step: int) -> tuple[Tensor, OptState]:
         """``update_no_grad`` for P particles that each have their own meta-parameters: every tensor
-        argument has a leading axis of size P. Vectorised with ``torch.func.vmap``; optimizers with a
-        fused kernel run it once per particle on the CPU instead."""
-        if self.fused_kernel is None or grads.device.type != "cpu":
+        argument has a leading axis of size P. Vectorised with ``torch.func.vmap``, except where the fused
+        kernel takes the options and tensors (float32 CPU): it then runs once per particle."""
+        particles = [{k: v[i] for k, v in meta_params.items()} for i in range(len(grads))]
+        if not (self.fused_kernel and grads.device.type == "cpu" and grads.dtype == torch.float32
+                and self._fused_takes(particles[0])):
             return torch.func.vmap(self.update, in_dims=(0, 0, 0, None))(meta_params, grads, state, step)
-        results = [self.update_no_grad({k: v[i] for k, v in meta_params.items()}, grads[i],
-                                       {k: v[i] for k, v in state.items()}, step) for i in range(len(grads))]
+        results = [self.update_no_grad(particle, grads[i], {k: v[i] for k, v in state.items()}, step)
+                   for i, particle in enumerate(particles)]
         return torch.stack([updates for updates, _ in results]), {
             key: torch.stack([new_state[key] for _, new_state in results]) for key in state}
+
+    def _fused_takes(self, meta_params: MetaParams) -> bool:
+        """Whether the fused kernel takes this optimizer's options (its tensors are checked when it runs)."""
+        try:
+            self._fused_inputs(meta_params, 0, 1.0)
+        except FusedUnsupported:
+            return False
+        return True
 
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this optimizer (JSON-serialisable)."""
