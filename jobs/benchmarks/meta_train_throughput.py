@@ -5,9 +5,10 @@ first their meta-gradients for the first truncation must agree (``torch.allclose
 ``--rtol`` and an absolute tolerance of ``--atol-scale`` times the largest reference entry), else
 the benchmark stops. Summing in another order changes float32 results, and 20 second-order steps
 amplify that (phnn on the quadratic: 1.4e-3 of the largest entry), so where float32 disagrees the
-check is repeated in float64, where the two must agree to 1e-9; the table shows both errors. Then each takes ``--meta-steps`` timed meta-steps (meta-gradient, clip,
-Adam). The settings come from the shipped training configs (``jobs/configs/train_*``: optimizer
-options, unroll, first or second order), with 128 quadratic and 16 MNIST optimizees.
+check is repeated in float64, where the two must agree to 1e-9; the table shows both errors. Then
+each takes ``--meta-steps`` timed meta-steps (meta-gradient, clip, Adam). The settings come from
+the shipped training configs (``jobs/configs/train_*``: optimizer options, unroll, first or second
+order), with 128 quadratic and 16 MNIST optimizees.
 
     python -m jobs.benchmarks.meta_train_throughput [--quick] [--output runs/benchmarks/meta_train_throughput.json]
 """

@@ -65,15 +65,15 @@ class Optimizer(ABC):
         """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
         takes the tensors (float32 CPU, the options it covers), else ``update``."""
         if self.fused_kernel is not None:
-            updates = torch.zeros_like(grads)
-            new_state = {key: value.clone() for key, value in state.items()}
+            keys = list(state)
             try:
-                self.fused_step(meta_params, [updates], [grads], new_state, step, 1.0)
-                return updates, new_state
+                updates, new_states = _run_fused_update(self.fused_kernel, self._fused_inputs(meta_params, step, 1.0),
+                                                        grads, [state[key] for key in keys])
+                return updates, dict(zip(keys, new_states))
             except FusedUnsupported:
                 pass
             except NativeUnavailable as error:
-                warnings.warn(f"{self.kind} runs the batched update: the fused kernel cannot be built ({error})")
+                _warn_batched(self.kind, error)
         return self.update(meta_params, grads, state, step)
 
     def update_particles(self, meta_params: MetaParams, grads: Tensor, state: OptState,
@@ -179,8 +179,7 @@ class NetworkOptimizer(Optimizer):
         except FusedUnsupported:
             return None
         except NativeUnavailable as error:
-            warnings.warn(f"{self.kind} meta-training runs the batched update: the fused kernel cannot be built "
-                          f"({error})")
+            _warn_batched(self.kind, error)
             return None
         keys = list(state)
         updates, *new_state = _FusedMetaStep.apply(self, fused_inputs, list(meta_params), keys, grads.contiguous(),
@@ -198,11 +197,9 @@ class _FusedMetaStep(torch.autograd.Function):
     def forward(ctx, optimizer: NetworkOptimizer, fused_inputs: tuple[Tensor, list[int], list[float]],
                 names: list[str], keys: list[str], grads: Tensor, *tensors: Tensor):
         states, values = tensors[:len(keys)], tensors[len(keys):]
-        weights, shape, scalars = fused_inputs
-        updates, new_states = torch.zeros_like(grads), [s.detach().clone() for s in states]
-        run_fused(optimizer.fused_kernel, [updates], [grads], new_states, weights, shape, scalars)
+        updates, new_states = _run_fused_update(optimizer.fused_kernel, fused_inputs, grads, states)
         ctx.save_for_backward(grads, *states, *values)
-        ctx.fused = (optimizer, names, len(keys), weights, shape, scalars)
+        ctx.fused = (optimizer, names, len(keys), *fused_inputs)
         ctx.mark_non_differentiable(*new_states[1:])
         return (updates, *new_states)
 
@@ -218,3 +215,17 @@ class _FusedMetaStep(torch.autograd.Function):
                                           shape, scalars, optimizer.fused_extra_grads)
         meta_grads = optimizer._fused_meta_grads(sums, dict(zip(names, values)), scalars)
         return (None, None, None, None, None, grad_p, *[None] * (count - 1), *(meta_grads.get(n) for n in names))
+
+
+def _run_fused_update(kernel: str, fused_inputs: tuple[Tensor, list[int], list[float]], grads: Tensor,
+                      states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """One pass of ``kernel`` into new tensors: the update (parameters of zero, lr 1) and the next states,
+    in the kernel's state order."""
+    weights, shape, scalars = fused_inputs
+    updates, new_states = torch.zeros_like(grads), [s.detach().clone() for s in states]
+    run_fused(kernel, [updates], [grads], new_states, weights, shape, scalars)
+    return updates, new_states
+
+
+def _warn_batched(kind: str, error: NativeUnavailable) -> None:
+    warnings.warn(f"{kind} runs the batched update: the fused kernel cannot be built ({error})")

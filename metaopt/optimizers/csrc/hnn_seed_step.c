@@ -6,7 +6,7 @@
 
    shape: dim, hidden, depth, activation (RELU, TANH, GELU, SILU), preprocess.
    scalars: threshold e^-p, p, e^p (the log/sign preprocessing), out_mul, lr.
-   weights, packed by HNNSeed.fused_step in this order (nn.Linear weights are [out, in], row-major):
+   weights, packed by HNNSeed._fused_inputs in this order (nn.Linear weights are [out, in], row-major):
      G: per hidden layer W [hidden, in], b [hidden]; then W [dim, hidden], b [dim]
      V: the same
      D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim] */

@@ -17,7 +17,7 @@
    shape: hidden, preprocess, learned energy, learned dissipation, learned port, normalize,
           sign-equivariant.
    scalars: h, A₀, e^-10, 10, e^10 (the preprocessing), β, 1 − β, 1 − β^(t+1), lr.
-   weights, packed by PHNN.fused_step, each block only when learned (nn.Linear weights [out, in]):
+   weights, packed by PHNN._fused_inputs, each block only when learned (nn.Linear weights [out, in]):
      energy W [hidden, 1 + features], b [hidden], w [hidden]
      dissipation W [hidden, features], b [hidden], w [hidden], c [1]
      port W [hidden, features], b [hidden], W_out [2, hidden] (gain, offset), b_out [2] */
