@@ -4,6 +4,7 @@ checkpointing of the unroll."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -24,20 +25,20 @@ def flat(grads):
 
 
 @pytest.mark.parametrize("kind", ["phnn", "hnn_seed", "lstm"])
-def test_reference_loop_computes_our_meta_gradient_on_quadratics(kind):
+def test_reference_loop_computes_our_meta_gradient_on_quadratics(kind, tmp_path):
     config = benchmark_config("quadratic", kind, CPU, unroll=3, batch_size=3)
     meta_params = off_initialisation(config.optimizer.build().init_meta_params(0), 0)
-    _, _, error = check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5)
+    _, _, error = check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5, run_dir=tmp_path)
     assert error < 1e-4
 
 
-def test_reference_loop_computes_our_meta_gradient_on_mnist(mnist_root):
+def test_reference_loop_computes_our_meta_gradient_on_mnist(mnist_root, tmp_path):
     config = benchmark_config("mnist", "phnn", CPU, unroll=2, batch_size=2, mnist_root=mnist_root)
     meta_params = config.optimizer.build().init_meta_params(0)
-    check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5)
+    check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5, run_dir=tmp_path)
 
 
-def test_gradient_check_fails_when_the_reference_gets_other_meta_params():
+def test_gradient_check_fails_when_the_reference_gets_other_meta_params(tmp_path):
     config = benchmark_config("quadratic", "phnn", CPU, unroll=3, batch_size=3)
     meta_params = config.optimizer.build().init_meta_params(0)
 
@@ -49,13 +50,16 @@ def test_gradient_check_fails_when_the_reference_gets_other_meta_params():
     meta_train_throughput.ReferenceTrainer = Perturbed
     try:
         with pytest.raises(GradientMismatch, match="meta-gradients differ"):
-            check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5)
+            check_same_meta_gradient(config, meta_params, CPU, rtol=1e-3, atol_scale=1e-5, run_dir=tmp_path)
     finally:
         meta_train_throughput.ReferenceTrainer = original
 
 
-def test_throughput_benchmark_writes_its_table_as_json(tmp_path):
+def test_throughput_benchmark_writes_its_table_as_json(tmp_path, monkeypatch):
     output = tmp_path / "throughput.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     meta_train_throughput.main(["--tasks", "quadratic", "--kinds", "hnn_seed", "--meta-steps", "1",
                                 "--reference-meta-steps", "1", "--device", "cpu", "--output", str(output)])
     saved = json.loads(output.read_text())
@@ -64,6 +68,7 @@ def test_throughput_benchmark_writes_its_table_as_json(tmp_path):
     assert {"ours_optimizee_steps_per_s", "ours_meta_steps_per_s", "reference_optimizee_steps_per_s",
             "reference_meta_steps_per_s", "speedup", "gradient_max_rel_error"} <= set(row)
     assert row["speedup"] > 0
+    assert list(scratch.iterdir()) == []  # the trainer's scratch run folder is removed
 
 
 def test_a_float32_disagreement_is_rechecked_in_float64():

@@ -68,11 +68,11 @@ def flat(params: MetaParams) -> torch.Tensor:
 
 
 def check_same_meta_gradient(config: Config, meta_params: MetaParams, device: torch.device, rtol: float,
-                             atol_scale: float) -> tuple[MetaTrainer, ReferenceTrainer, float]:
+                             atol_scale: float, run_dir: Path) -> tuple[MetaTrainer, ReferenceTrainer, float]:
     """Both trainers at ``meta_params`` on the same first truncation; raise ``GradientMismatch``
     unless their meta-gradients agree. Returns both trainers (one truncation in) and the largest
     absolute difference relative to the largest reference entry."""
-    ours, reference = trainers(config, meta_params, device)
+    ours, reference = trainers(config, meta_params, device, run_dir)
     ours_grad = flat(ours.estimator.estimate({k: v.detach() for k, v in ours.meta_params.items()}).grads)
     reference_grad = flat(reference.meta_gradient()[0])
     scale = float(reference_grad.abs().max())
@@ -84,9 +84,10 @@ def check_same_meta_gradient(config: Config, meta_params: MetaParams, device: to
     return ours, reference, error
 
 
-def trainers(config: Config, meta_params: MetaParams, device: torch.device) -> tuple[MetaTrainer, ReferenceTrainer]:
-    """Ours and the reference, both at ``meta_params``."""
-    ours = MetaTrainer(config, Path(tempfile.mkdtemp(prefix="bench-")))
+def trainers(config: Config, meta_params: MetaParams, device: torch.device,
+             run_dir: Path) -> tuple[MetaTrainer, ReferenceTrainer]:
+    """Ours (run folder ``run_dir``, which timing never writes to) and the reference, both at ``meta_params``."""
+    ours = MetaTrainer(config, run_dir)
     with torch.no_grad():
         for name, value in ours.meta_params.items():
             value.copy_(meta_params[name])
@@ -123,18 +124,21 @@ def run(task: str, kind: str, device: torch.device, meta_steps: int, reference_m
     seed = config.train.seed
     meta_params = off_initialisation(config.optimizer.build().init_meta_params(seed), seed)
     error_float64 = None
-    try:
-        ours, reference, error = check_same_meta_gradient(config, meta_params, device, rtol, atol_scale)
-    except GradientMismatch as mismatch:
-        error = mismatch.error
-        with default_dtype(torch.float64):
-            double = off_initialisation(config.optimizer.build().init_meta_params(seed), seed)
-            _, _, error_float64 = check_same_meta_gradient(config, double, device, FLOAT64_RTOL, FLOAT64_RTOL)
-        ours, reference = trainers(config, meta_params, device)
-    train = config.train
-    per_meta_step = train.unroll * train.batch_size
-    ours_timing = time_meta_steps(ours.meta_gradient_step, meta_steps, per_meta_step, device)
-    reference_timing = time_meta_steps(reference.meta_gradient_step, reference_meta_steps, per_meta_step, device)
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        run_dir = Path(scratch)
+        try:
+            ours, reference, error = check_same_meta_gradient(config, meta_params, device, rtol, atol_scale, run_dir)
+        except GradientMismatch as mismatch:
+            error = mismatch.error
+            with default_dtype(torch.float64):
+                double = off_initialisation(config.optimizer.build().init_meta_params(seed), seed)
+                _, _, error_float64 = check_same_meta_gradient(config, double, device, FLOAT64_RTOL, FLOAT64_RTOL,
+                                                               run_dir)
+            ours, reference = trainers(config, meta_params, device, run_dir)
+        train = config.train
+        per_meta_step = train.unroll * train.batch_size
+        ours_timing = time_meta_steps(ours.meta_gradient_step, meta_steps, per_meta_step, device)
+        reference_timing = time_meta_steps(reference.meta_gradient_step, reference_meta_steps, per_meta_step, device)
     return {
         "task": task, "optimizer": kind, "optimizees": train.batch_size, "unroll": train.unroll,
         "second_order": train.estimator.second_order, "meta_steps_timed": meta_steps,
