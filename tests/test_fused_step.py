@@ -43,6 +43,9 @@ CONFIGS = [  # (kind, options): the kernels' specialised paths first, then their
     ("phnn", {"dissipation": "constant", "port": "identity", "normalize": True}),
     ("phnn", {"normalize": True, "sign_equivariant": True}),
     ("phnn", {"sign_equivariant": True, "preprocess": False, "hidden": 7}),
+    ("phnn", {"normalize": True, "sign_equivariant": True, "state_features": True}),
+    ("phnn", {"state_features": True, "hidden": 9}),
+    ("phnn", {"state_features": True, "sign_equivariant": True, "preprocess": False, "port": "identity"}),
 ]
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
@@ -246,9 +249,9 @@ def test_networks_wider_than_the_kernel_takes_are_refused():
 
 
 def test_phnn_options_the_kernel_does_not_take_are_refused_and_run_batched():
-    optimizer, meta_params = trained_like({"state_features": True, "integrator": "leapfrog"}, kind="phnn")
+    optimizer, meta_params = trained_like({"state_dim": 2, "integrator": "leapfrog"}, kind="phnn")
     model, x, y = model_and_data()
-    with pytest.raises(RuntimeError, match="does not take leapfrog, state_features"):
+    with pytest.raises(RuntimeError, match="does not take state_dim != 1, leapfrog"):
         train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True), x, y, steps=1)
     reference = copy.deepcopy(model)
     losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=2)

@@ -226,6 +226,22 @@ def test_phnn_sign_equivariant_flips_with_the_gradient(options: dict):
     assert drift.abs().min() > 1e-4
 
 
+def test_phnn_sign_equivariant_state_feature_tells_agreeing_momentum_from_opposing():
+    """Under sign equivariance the state feature is p·sign g, invariant to (g, p) -> (−g, −p), yet
+    it tells a momentum that opposes the gradient from one that agrees (|p| could not)."""
+    # Only the dissipation is learned: p' = p + h·(−g − a(x)²·p). Were a the same for p and −p, as
+    # with |p|, the two next states would sum to exactly −2hg.
+    optimizer = PHNN(sign_equivariant=True, state_features=True, hamiltonian="quadratic", port="identity")
+    meta_params = off_initialisation(optimizer.init_meta_params(0), 0, scale=0.3)
+    grads, p = torch.rand(50) + 0.1, torch.rand(50, 1) + 0.1
+    _, agreeing = optimizer.update(meta_params, grads, {"p": p}, 0)
+    _, opposing = optimizer.update(meta_params, grads, {"p": -p}, 0)
+    h = float(meta_params["log_h"].exp())
+    assert ((agreeing["p"] + opposing["p"])[:, 0] + 2 * h * grads).abs().min() > 1e-4
+    _, flipped = optimizer.update(meta_params, -grads, {"p": -p}, 0)
+    torch.testing.assert_close(flipped["p"], -agreeing["p"], rtol=0, atol=0)
+
+
 def test_phnn_normalize_starts_as_heavy_ball_on_rms_normalised_gradients():
     optimizer = PHNN(normalize=True, rms_decay=0.99)
     meta_params = optimizer.init_meta_params(0)

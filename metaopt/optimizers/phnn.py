@@ -108,7 +108,7 @@ class _PHNNNetwork(nn.Module):
         """ṗ = −R·∂H/∂p + u with R = A·Aᵀ and the port force u."""
         inputs = f
         if self.state_features:
-            inputs = torch.cat([f, p if odd is None else p.abs()], dim=-1)
+            inputs = torch.cat([f, p if odd is None else p * odd[:, None]], dim=-1)
         a = self.A0
         if self.dissipation is not None:
             a = a + self.dissipation(inputs).reshape(-1, self.state_dim, self.state_dim)
@@ -149,8 +149,8 @@ class PHNN(NetworkOptimizer):
     R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
     ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
     ``sign_equivariant`` makes the step flip with the gradient: (g, p) -> (−g, −p) gives (−Δθ, −p').
-    The MLPs then see only even features (log|g|; |g| without ``preprocess``; |p| for
-    ``state_features``), the port's offset is multiplied by sign g (e^10·g below e^-10), and the
+    The MLPs then see only even features (log|g|; |g| without ``preprocess``; for
+    ``state_features`` p·sign g, whether the momentum agrees with the gradient), the port's offset is multiplied by sign g (e^10·g below e^-10), and the
     learned energy is averaged over ±p, which costs a second pass through MLP_H. Without it a
     trained phnn can push coordinates whose gradient is zero one way every step.
     ``normalize`` replaces g by g / (√v̂ + ε) throughout, with v̂ Adam's bias-corrected running mean
@@ -175,7 +175,7 @@ class PHNN(NetworkOptimizer):
 
     ``fused_step`` runs the no-grad step in one native pass (``csrc/phnn_step.c``) for k = 1, depth 1,
     tanh and the semi-implicit Euler step, with or without ``normalize``, ``sign_equivariant``,
-    preprocessing and each learned part.
+    ``state_features``, preprocessing and each learned part.
     """
 
     kind = "phnn"
@@ -276,7 +276,6 @@ class PHNN(NetworkOptimizer):
         refused = [name for name, off in (
             ("state_dim != 1", self.state_dim != 1), ("depth != 1", self.depth != 1),
             ("activation != 'tanh'", self.activation != "tanh"), ("leapfrog", self.integrator == "leapfrog"),
-            ("state_features", self.state_features),
             (f"hidden > {_MAX_FUSED_WIDTH}", self.hidden > _MAX_FUSED_WIDTH)) if off]
         if refused:
             raise FusedUnsupported(f"the fused phnn step does not take {', '.join(refused)}")
@@ -286,7 +285,7 @@ class PHNN(NetworkOptimizer):
         a0 = float(meta_params["A0"].detach().float().reshape(()))
         beta = self.rms_decay
         shape = [self.hidden, int(self.preprocess), *map(int, self._learned_parts().values()), int(self.normalize),
-                 int(self.sign_equivariant)]
+                 int(self.sign_equivariant), int(self.state_features)]
         scalars = [h, a0, math.exp(-10.0), 10.0, math.exp(10.0), beta, 1 - beta, 1 - beta ** (step + 1), lr]
         return weights, shape, scalars
 
@@ -303,7 +302,7 @@ class PHNN(NetworkOptimizer):
         return [f"{part}.{name}" for part, names in layers.items() if learned[part] for name in names]
 
     def _fused_meta_supported(self) -> bool:
-        return all(self._learned_parts().values()) and not self.sign_equivariant
+        return all(self._learned_parts().values()) and not (self.sign_equivariant or self.state_features)
 
     def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
         grads = super()._fused_meta_grads(sums, meta_params, scalars)

@@ -3,8 +3,9 @@
 
      (normalize) v' = β v + (1 − β) g²,  g ← g / (√(v' / (1 − β^(t+1))) + 1e-8)
      f = log/sign features of g (p = 10), or g itself without preprocessing
+     x = [f, p] with state features (sign-equivariant: [f, p·sign g]), else x = f
      ∂H/∂p(p) = p + Σ_j w_j (1 − tanh²(z_j)) W_j0,  z = W [p, f] + b      (learned energy)
-     a = A₀ + MLP_R(f),  ṗ = −(g (1 + gain(f)) + offset(f)) − a² ∂H/∂p(p)  (learned R and port)
+     a = A₀ + MLP_R(x),  ṗ = −(g (1 + gain(x)) + offset(x)) − a² ∂H/∂p(p)  (learned R and port)
      p' = p + h ṗ,  θ += lr · h · ∂H/∂p(p')
 
    The batched update makes ~60 passes over [coordinates, hidden] tensors; this makes one pass over
@@ -15,12 +16,13 @@
 
    state: p [total] (and v [total] with normalize).
    shape: hidden, preprocess, learned energy, learned dissipation, learned port, normalize,
-          sign-equivariant.
+          sign-equivariant, state features.
    scalars: h, A₀, e^-10, 10, e^10 (the preprocessing), β, 1 − β, 1 − β^(t+1), lr.
    weights, packed by PHNN._fused_inputs, each block only when learned (nn.Linear weights [out, in]):
      energy W [hidden, 1 + features], b [hidden], w [hidden]
-     dissipation W [hidden, features], b [hidden], w [hidden], c [1]
-     port W [hidden, features], b [hidden], W_out [2, hidden] (gain, offset), b_out [2] */
+     dissipation W [hidden, inputs], b [hidden], w [hidden], c [1]
+     port W [hidden, inputs], b [hidden], W_out [2, hidden] (gain, offset), b_out [2]
+   (inputs = features, plus 1 with state features) */
 
 #include "fused_common.h"
 
@@ -69,17 +71,17 @@ INLINE float energy_grad(const float *W, const float *b, const float *w, float p
 INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
                              const int hidden, const int preprocess, const int learned_energy,
                              const int learned_dissipation, const int learned_port, const int normalize,
-                             const int equivariant) {
+                             const int equivariant, const int state_features) {
     const float *s = kernel->scalars;
     const float h = s[0], a0 = s[1], threshold = s[2], log_divisor = s[3], small_scale = s[4], beta = s[5],
                 one_minus_beta = s[6], correction = s[7], lr = s[8];
-    const int features = preprocess && !equivariant ? 2 : 1;
+    const int features = preprocess && !equivariant ? 2 : 1, inputs = features + state_features;
     const float *energy = kernel->weights, *dissipation = energy + (learned_energy ? hidden * (2 + features) + hidden : 0),
-                *port = dissipation + (learned_dissipation ? hidden * (features + 2) + 1 : 0);
+                *port = dissipation + (learned_dissipation ? hidden * (inputs + 2) + 1 : 0);
     const float *energy_b = energy + hidden * (1 + features), *energy_w = energy_b + hidden;
-    const float *dissipation_b = dissipation + hidden * features, *dissipation_w = dissipation_b + hidden,
+    const float *dissipation_b = dissipation + hidden * inputs, *dissipation_w = dissipation_b + hidden,
                 *dissipation_c = dissipation_w + hidden;
-    const float *port_b = port + hidden * features, *port_w = port_b + hidden, *port_c = port_w + 2 * hidden;
+    const float *port_b = port + hidden * inputs, *port_w = port_b + hidden, *port_c = port_w + 2 * hidden;
     float *p_state = kernel->state[0] + first, *v_state = normalize ? kernel->state[1] + first : 0;
 
     for (int64_t i = 0; i < n; i++) {
@@ -91,7 +93,7 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
         }
         /* f: log_sign(g), or g. With `equivariant` the networks see only the even part (log|g| / p, or
            |g|) and `odd` the rest. */
-        float f[2], odd = 1.0f;
+        float f[3], odd = 1.0f;
         if (preprocess) {
             log_sign(g, threshold, log_divisor, small_scale, &f[0], &f[1]);
             odd = f[1];
@@ -100,6 +102,7 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
             odd = (g > 0.0f ? 1.0f : 0.0f) - (g < 0.0f ? 1.0f : 0.0f);
         }
         const float p = p_state[i];
+        if (state_features) f[features] = equivariant ? p * odd : p; /* only MLP_R and the port read it */
         const float dh_dp =
             learned_energy ? energy_grad(energy, energy_b, energy_w, p, f, features, hidden, equivariant) : p;
         float a = a0, gain = 0.0f, offset = 0.0f;
@@ -114,12 +117,12 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
             for (int j = 0; j < hidden; j++) {
                 if (learned_dissipation) {
                     float z = dissipation_b[j];
-                    for (int c = 0; c < features; c++) z += dissipation[j * features + c] * f[c];
+                    for (int c = 0; c < inputs; c++) z += dissipation[j * inputs + c] * f[c];
                     a_sum += dissipation_w[j] * tanh_approx(z);
                 }
                 if (learned_port) {
                     float z = port_b[j];
-                    for (int c = 0; c < features; c++) z += port[j * features + c] * f[c];
+                    for (int c = 0; c < inputs; c++) z += port[j * inputs + c] * f[c];
                     const float t = tanh_approx(z);
                     gain += port_w[j] * t;
                     offset += port_w[hidden + j] * t;
@@ -139,17 +142,18 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
 
 static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
                          int share) {
-    /* shape: hidden, preprocess, learned energy, dissipation, port, normalize, sign-equivariant */
+    /* shape: hidden, preprocess, learned energy, dissipation, port, normalize, sign-equivariant,
+       state features */
     const int *shape = kernel->shape, usual = shape[0] == 16 && shape[1] && shape[2] && shape[3] && shape[4];
-    if (usual && !shape[5] && !shape[6]) /* the default phnn */
-        step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 0, 0);
-    else if (usual && shape[5] && !shape[6]) /* normalize */
-        step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 1, 0);
-    else if (usual && shape[5] && shape[6]) /* normalize and sign-equivariant: the ReLU transfer */
-        step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 1, 1);
+    if (usual && !shape[5] && !shape[6] && !shape[7]) /* the default phnn */
+        step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 0, 0, 0);
+    else if (usual && shape[5] && !shape[6] && !shape[7]) /* normalize */
+        step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 1, 0, 0);
+    else if (usual && shape[5] && shape[6] && !shape[7]) /* normalize and sign-equivariant: the ReLU transfer */
+        step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 1, 1, 0);
     else
         step_coordinates(kernel, grad, param, first, n, shape[0], shape[1], shape[2], shape[3], shape[4], shape[5],
-                         shape[6]);
+                         shape[6], shape[7]);
 }
 
 int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
@@ -320,7 +324,7 @@ static void backward_segment(const Kernel *kernel, const float *grad, float *gra
 
 int phnn_step_backward(int64_t n, const float *grad, float *const *state, float *grad_p, const float *weights,
                        const int *shape, const float *scalars, double *grad_weights, int threads) {
-    if (shape[0] < 1 || shape[0] > MAX_WIDTH || !shape[2] || !shape[3] || !shape[4] || shape[6]) return -1;
+    if (shape[0] < 1 || shape[0] > MAX_WIDTH || !shape[2] || !shape[3] || !shape[4] || shape[6] || shape[7]) return -1;
     const int F = shape[1] ? 2 : 1, hidden = shape[0];
     const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2; /* weights, h, A₀ */
     const Kernel kernel = {state, weights, shape, scalars, 0, sums};
