@@ -149,10 +149,11 @@ class PHNN(NetworkOptimizer):
     R = A·Aᵀ, A = A₀ + MLP_R(f); port u = −(g·(1 + gain(f)) + offset(f)) (gain, offset ∈ R^k);
     ``state_features`` also feeds p to MLP_R and the port. Step size h = exp(log_h).
     ``sign_equivariant`` makes the step flip with the gradient: (g, p) -> (−g, −p) gives (−Δθ, −p').
-    The MLPs then see only even features (log|g|; |g| without ``preprocess``; for
-    ``state_features`` p·sign g, whether the momentum agrees with the gradient), the port's offset is multiplied by sign g (e^10·g below e^-10), and the
-    learned energy is averaged over ±p, which costs a second pass through MLP_H. Without it a
-    trained phnn can push coordinates whose gradient is zero one way every step.
+    The MLPs then see only even features (log|g|; |g| without ``preprocess``; for ``state_features``
+    p·sign g, whether the momentum agrees with the gradient), the port's offset is multiplied by
+    sign g (e^10·g below e^-10), and the learned energy is averaged over ±p, which costs a second
+    pass through MLP_H. Without it a trained phnn can push coordinates whose gradient is zero one way
+    every step.
     ``normalize`` replaces g by g / (√v̂ + ε) throughout, with v̂ Adam's bias-corrected running mean
     of g² (decay ``rms_decay``, one more float of state per coordinate), so the step no longer
     scales with the gradient's size (meant for carrying an optimizer from sigmoid to ReLU networks).
