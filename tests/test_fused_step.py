@@ -46,6 +46,7 @@ CONFIGS = [  # (kind, options): the kernels' specialised paths first, then their
     ("phnn", {"normalize": True, "sign_equivariant": True, "state_features": True}),
     ("phnn", {"state_features": True, "hidden": 9}),
     ("phnn", {"state_features": True, "sign_equivariant": True, "preprocess": False, "port": "identity"}),
+    ("phnn", {"normalize": True, "sign_equivariant": True, "horizon": 50}),
 ]
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):

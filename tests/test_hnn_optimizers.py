@@ -129,7 +129,7 @@ def test_hnn_seed_every_meta_param_gets_meta_gradient(preprocess: bool):
 @pytest.mark.parametrize(
     "options",
     [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}, {"normalize": True},
-     {"sign_equivariant": True, "state_dim": 2, "state_features": True}],
+     {"sign_equivariant": True, "state_dim": 2, "state_features": True}, {"horizon": 40}],
 )
 def test_phnn_every_meta_param_gets_meta_gradient(options: dict):
     optimizer = PHNN(**options)
@@ -161,6 +161,48 @@ def test_phnn_learned_hamiltonian_double_backward():
     assert torch.autograd.gradcheck(step, (weight, p))
 
 
+def test_phnn_schedule_starts_as_bias_corrected_heavy_ball_decaying_over_the_second_half():
+    """At initialisation Δθ = −lr·s(t/T)·buf / (1 − μ^(t+1)), s = 1 to T/2, then linear to 0 at T."""
+    lr, momentum, horizon = 0.01, 0.8, 24
+    optimizer = PHNN(init_lr=lr, init_momentum=momentum, horizon=horizon)
+    phnn, _ = unroll(optimizer, optimizer.init_meta_params(0), steps=30)
+    family = Quadratic(dim=10)
+    optimizees = family.sample(range(4))
+    params, buf, expected = optimizees.params.clone(), torch.zeros_like(optimizees.params), []
+    for step in range(30):
+        leaf = params.detach().requires_grad_(True)
+        (grads,) = torch.autograd.grad(family.batched_loss(leaf, optimizees, step).sum(), leaf)
+        buf = momentum * buf + grads
+        level = max(0.0, min(1.0, 2 * (1 - step / horizon)))
+        params = params - lr * level * buf / (1 - momentum ** (step + 1))
+        expected.append(params.detach())
+    torch.testing.assert_close(phnn, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(phnn[-1], phnn[horizon - 1])  # no steps after the horizon
+
+
+def test_phnn_schedule_scales_each_step_by_its_interpolated_knot():
+    """σ(t) = s(t/T) / (1 − μ₀^(t+1)) multiplies the step Δθ and leaves p alone."""
+    plain = PHNN(normalize=True, sign_equivariant=True, init_momentum=0.7)
+    scheduled = PHNN(normalize=True, sign_equivariant=True, init_momentum=0.7, horizon=80)
+    meta_params = off_initialisation(plain.init_meta_params(0), 0, scale=0.3)
+    knots = torch.tensor([0.2, 0.6, 1.4, 1.0, -0.5, 0.8, 0.3, 0.1, 0.05])
+    grads = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    state = plain.init_state(grads)
+    # t -> s(t / 80): knots sit every 10 steps; a negative knot counts as 0; after T the last holds
+    for step, level in ((0, 0.2), (5, 0.4), (25, 1.2), (33, 0.7 * 1.0 + 0.3 * -0.5), (40, 0.0), (79, 0.05 + 0.1 * 0.05),
+                        (80, 0.05), (200, 0.05)):
+        expected, expected_state = plain.update(meta_params, grads, state, step)
+        updates, new_state = scheduled.update({**meta_params, "schedule": knots}, grads, state, step)
+        factor = max(level, 0.0) / (1 - 0.7 ** (step + 1))
+        torch.testing.assert_close(updates, factor * expected)
+        torch.testing.assert_close(new_state, expected_state)
+        state = new_state
+    with pytest.raises(ValueError, match="needs init_momentum < 1"):
+        PHNN(init_momentum=1.0, horizon=100)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        PHNN(horizon=0)
+
+
 @pytest.mark.parametrize(
     ("optimizer", "count"),
     [
@@ -172,6 +214,7 @@ def test_phnn_learned_hamiltonian_double_backward():
         (PHNN(depth=2, activation="gelu"), 229 + 3 * (16 * 16 + 16)),
         (PHNN(preprocess=False), 229 - 3 * 16),
         (PHNN(sign_equivariant=True), 229 - 3 * 16),
+        (PHNN(sign_equivariant=True, horizon=100), 229 - 3 * 16 + 9),
         (HNNSeed(hidden=8, depth=2, activation="silu"), 2 * (2 * 2 * 8 + 8 + 2 + (8 * 8 + 8)) + 7 * 4 + 3 * 2 + 1),
     ],
 )

@@ -105,6 +105,23 @@ def test_every_learned_kind_steps_a_model(kind):
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+def test_horizon_stretches_the_learned_schedule_and_warns_past_it():
+    model, x, y = model_and_data()
+    stretched = copy.deepcopy(model)
+    short = make_optimizer("phnn", init_lr=0.1, init_momentum=0.9, horizon=10)
+    long = make_optimizer("phnn", init_lr=0.1, init_momentum=0.9, horizon=40)
+    train(model, LearnedOptimizer(model.parameters(), long, long.init_meta_params(0)), x, y, steps=40)
+    loaded = LearnedOptimizer(stretched.parameters(), short, short.init_meta_params(0), horizon=40)
+    train(stretched, loaded, x, y, steps=40)
+    for p, q in zip(model.parameters(), stretched.parameters()):
+        torch.testing.assert_close(p, q)
+    with pytest.warns(UserWarning, match="passes the phnn optimizer's horizon of 40 steps"):
+        train(stretched, loaded, x, y, steps=1)
+    plain = make_optimizer("phnn")
+    with pytest.raises(ValueError, match="has no learned step schedule"):
+        LearnedOptimizer(model.parameters(), plain, plain.init_meta_params(0), horizon=40)
+
+
 def test_bad_lr_is_rejected():
     model, _, _ = model_and_data()
     with pytest.raises(ValueError, match="lr must be > 0"):

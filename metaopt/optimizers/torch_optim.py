@@ -47,10 +47,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
     and the batched update elsewhere (CUDA, float64, and everywhere, after one warning, if it cannot
     be built); ``True`` requires it; ``False`` never uses it. ``compile=True`` runs the batched update
     through ``torch.compile`` and falls back to eager, with a warning, where compilation fails.
+
+    ``horizon``, for an optimizer with a learned step schedule (phnn with ``horizon``): the number of
+    steps the user's run takes, over which the schedule is stretched (default: the horizon it was
+    meta-trained on). Stepping past the horizon warns once; the schedule then holds its last level.
     """
 
     def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0,
-                 compile: bool = False, fused: bool | None = None):
+                 compile: bool = False, fused: bool | None = None, horizon: int | None = None):
+        if horizon is not None:
+            if getattr(optimizer, "horizon", None) is None:
+                raise ValueError(f"horizon={horizon}: optimizer {optimizer.kind!r} has no learned step schedule; "
+                                 "leave horizon unset")
+            optimizer = type(optimizer)(**{**optimizer.hyperparameters(), "horizon": horizon})
         if lr <= 0:
             raise ValueError(f"lr must be > 0 (a multiplier on the learned updates, 1.0 as trained); got {lr}")
         if fused and optimizer.fused_kernel is None:
@@ -118,6 +127,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _step_flat(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> None:
         """One update of a flat group, fused or batched; its state buffers are overwritten in place."""
+        horizon = getattr(self.optimizer, "horizon", None)
+        if horizon is not None and int(flat.steps[0]) == horizon:
+            warnings.warn(f"step {horizon + 1} passes the {self.optimizer.kind} optimizer's horizon of {horizon} steps: "
+                          "its learned schedule holds its last level from here on; to stretch the schedule over a "
+                          "longer run, pass horizon=<the run's steps> to load_optimizer")
         if self._use_fused and self._fused_step(flat, grads, lr, meta_params):
             flat.steps.add_(1)
             return

@@ -214,7 +214,7 @@ def load_optimizer(source: str | Path, params: Iterable, tracking_uri: str | Non
 
     ``source``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/optimizer`` or a local
     checkpoint folder. ``options`` go to ``LearnedOptimizer`` (e.g. ``lr``, a multiplier on the
-    learned updates, 1.0 as trained).
+    learned updates, 1.0 as trained; ``horizon``, the steps of the run for a learned step schedule).
     """
     from metaopt.optimizers.torch_optim import LearnedOptimizer
 
