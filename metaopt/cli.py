@@ -29,7 +29,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from metaopt.evaluate import Candidate, default_output_dir, run_evaluation
+    from metaopt.evaluate import Candidate, default_output_dir, run_evaluation, stretched_to
     from metaopt.meta import MetaTrainer, load_checkpoint
 
     config = load_config(args.config, args.set)
@@ -71,9 +71,10 @@ def _train(args: argparse.Namespace) -> int:
           f"validation loss {trainer.best_heldout:.4g})")
     learned = config.optimizer.kind
     on_device = lambda params: {k: v.to(trainer.device) for k, v in params.items()}  # noqa: E731
+    optimizer = stretched_to(trainer.optimizer, config.evaluate.steps)
     leading = [
-        Candidate(learned, lambda lr: trainer.optimizer, meta_params=on_device(best_params)),
-        Candidate(f"{learned} (untrained)", lambda lr: trainer.optimizer,
+        Candidate(learned, lambda lr: optimizer, meta_params=on_device(best_params)),
+        Candidate(f"{learned} (untrained)", lambda lr: optimizer,
                   meta_params=on_device(trainer.optimizer.init_meta_params(config.train.seed))),
     ]
     title = (f"{config.task.kind}: {learned} (best of {trainer.meta_step} meta-steps) vs hand-designed, "

@@ -249,6 +249,14 @@ class Config(StrictModel):
                 f"({self.distributed.workers}) so every worker gets an equal share of the optimizees")
         return self
 
+    @model_validator(mode="after")
+    def _schedule_spans_an_episode(self) -> Config:
+        horizon = self.optimizer.options.get("horizon") if self.optimizer else None
+        if horizon is not None and self.train and horizon != self.train.episode_length:
+            raise ValueError(f"optimizer.options.horizon ({horizon}) must equal train.episode_length "
+                             f"({self.train.episode_length}): the learned step schedule spans one optimizee run")
+        return self
+
     def require(self, *sections: str) -> None:
         """Raise ``ConfigError`` unless every named section is present."""
         missing = [name for name in sections if getattr(self, name) is None]

@@ -40,6 +40,9 @@ BAD = [
     ("missing section", lambda d: d.pop("task"), r"task: required field is missing"),
     ("bad split", lambda d: d["task"].update(data={"split": "validation"}), r"task\.data\.split: Input should be 'train' or 'test'"),
     ("bad device", lambda d: d.update(device="tpu"), r"device: unknown device 'tpu'; allowed: auto, cpu, cuda"),
+    ("schedule off the episode", lambda d: d.update(optimizer={"kind": "phnn", "options": {"horizon": 50}},
+                                                    train={"episode_length": 100}),
+     r"optimizer\.options\.horizon \(50\) must equal train\.episode_length \(100\)"),
 ]
 
 

@@ -9,7 +9,9 @@ import torch
 import yaml
 
 from metaopt.cli import main
-from metaopt.evaluate import Candidate, compare
+from metaopt.config import OptimizerConfig
+from metaopt.evaluate import Candidate, candidate_for, compare
+from metaopt.meta.checkpoint import save_checkpoint
 from metaopt.optimizers import make_optimizer
 from metaopt.tasks import Quadratic
 
@@ -59,6 +61,18 @@ def test_same_optimizees_for_every_optimizer_and_seeded():
     assert torch.equal(first[0].losses, again[0].losses)
     other = compare(candidates, family, steps=5, runs=3, seed=2, show_progress=False)
     assert not torch.equal(first[0].losses, other[0].losses)
+
+
+def test_a_checkpoints_learned_schedule_is_stretched_over_the_evaluation(tmp_path):
+    trained = make_optimizer("phnn", init_lr=0.05, horizon=10)
+    folder = save_checkpoint(tmp_path, 0, trained, trained.init_meta_params(0))
+    stretched = candidate_for(OptimizerConfig(checkpoint=str(folder)), torch.device("cpu"), steps=24)
+    as_trained = candidate_for(OptimizerConfig(checkpoint=str(folder)), torch.device("cpu"), steps=10)
+    assert (stretched.build(None).horizon, as_trained.build(None).horizon) == (24, 10)
+    direct = make_optimizer("phnn", init_lr=0.05, horizon=24)
+    candidates = [stretched, Candidate("direct", lambda lr: direct, meta_params=direct.init_meta_params(0))]
+    results = compare(candidates, Quadratic(), steps=24, runs=3, seed=1, show_progress=False)
+    torch.testing.assert_close(results[0].losses, results[1].losses)
 
 
 def test_lr_sweep_keeps_the_best_rate_on_meta_train_optimizees():

@@ -2,6 +2,7 @@
 
 import math
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -199,6 +200,20 @@ def test_train_cli_end_to_end_and_evaluate_accepts_the_checkpoint(tmp_path, caps
     # --resume of a finished run is a no-op on training that still reports.
     assert main(["train", str(config), "--resume", str(run), "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().out
+
+
+def test_train_cli_stretches_a_learned_schedule_over_the_evaluation(tmp_path, monkeypatch):
+    """Trained on 10-step episodes (horizon 10), evaluated over 20 steps: unstretched, the schedule's
+    last knot (0) would stop every run at step 10."""
+    monkeypatch.chdir(tmp_path)
+    config = train_config(options={"horizon": 10, "init_lr": 0.01}, meta_steps=1)
+    config.evaluate.steps = 20
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    assert main(["train", str(path), "--output", str(tmp_path / "run"), "--no-progress", "--no-tracking"]) == 0
+    curves = pq.read_table(tmp_path / "run" / "evaluation" / "curves.parquet").to_pandas()
+    untrained = curves[curves.optimizer == "phnn (untrained)"].groupby("step").loss.mean()
+    assert untrained[20] < 0.9 * untrained[10]
 
 
 def test_best_checkpoint_tracks_the_lowest_validation_loss(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from metaopt.config import Config, OptimizerConfig, resolve_device
 from metaopt.evaluate.harness import Candidate, Result, compare, rollout_losses
 from metaopt.meta.checkpoint import load_checkpoint
+from metaopt.optimizers.base import Optimizer
 from metaopt.tasks import make_task
 
 
@@ -20,11 +21,20 @@ def default_output_dir(config: Config, name: str, command: str) -> Path:
     return Path(section.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def candidate_for(optimizer: OptimizerConfig, device: torch.device) -> Candidate:
-    """A harness candidate for a configured built-in optimizer or a trained checkpoint."""
+def stretched_to(optimizer: Optimizer, steps: int) -> Optimizer:
+    """``optimizer`` with its learned step schedule, if it has one, stretched over runs of ``steps``."""
+    if getattr(optimizer, "horizon", None) in (None, steps):
+        return optimizer
+    return optimizer.with_horizon(steps)
+
+
+def candidate_for(optimizer: OptimizerConfig, device: torch.device, steps: int) -> Candidate:
+    """A harness candidate for a configured built-in optimizer or a trained checkpoint; a learned
+    step schedule is stretched over the evaluation's ``steps``."""
     if optimizer.checkpoint is None:
         return Candidate(optimizer.name, optimizer.build, optimizer.lr, optimizer.lr_sweep)
     learned, meta_params, _ = load_checkpoint(optimizer.checkpoint)
+    learned = stretched_to(learned, steps)
     return Candidate(optimizer.name, lambda lr: learned, meta_params={k: v.to(device) for k, v in meta_params.items()})
 
 
@@ -40,7 +50,7 @@ def run_evaluation(
     config.require("evaluate")
     device = resolve_device(config.device)
     evaluation = config.evaluate
-    candidates = [*leading, *(candidate_for(o, device) for o in evaluation.optimizers)]
+    candidates = [*leading, *(candidate_for(o, device, evaluation.steps) for o in evaluation.optimizers)]
     needs_tuning = any(c.lr_sweep for c in candidates)
     results = compare(
         candidates,
@@ -59,4 +69,5 @@ def run_evaluation(
     return results, table
 
 
-__all__ = ["Candidate", "Result", "candidate_for", "compare", "default_output_dir", "rollout_losses", "run_evaluation"]
+__all__ = ["Candidate", "Result", "candidate_for", "compare", "default_output_dir", "rollout_losses", "run_evaluation",
+           "stretched_to"]

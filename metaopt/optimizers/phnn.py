@@ -262,6 +262,12 @@ class PHNN(NetworkOptimizer):
         self.horizon = horizon
         super().__init__()
 
+    def with_horizon(self, horizon: int) -> PHNN:
+        """The same optimizer with its learned schedule stretched over runs of ``horizon`` steps."""
+        if self.horizon is None:
+            raise ValueError(f"horizon={horizon}: this phnn has no learned step schedule; leave horizon unset")
+        return PHNN(**{**self.hyperparameters(), "horizon": horizon})
+
     def build_network(self) -> nn.Module:
         return _PHNNNetwork(
             state_dim=self.state_dim,
