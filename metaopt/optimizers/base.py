@@ -98,6 +98,11 @@ class Optimizer(ABC):
             return False
         return True
 
+    def with_horizon(self, horizon: int) -> Optimizer:
+        """The same optimizer with its learned step schedule stretched over runs of ``horizon`` steps;
+        an optimizer without one refuses."""
+        raise ValueError(f"horizon={horizon}: optimizer {self.kind!r} has no learned step schedule; leave horizon unset")
+
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this optimizer (JSON-serialisable)."""
         names = inspect.signature(type(self).__init__).parameters

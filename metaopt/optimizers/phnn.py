@@ -263,9 +263,8 @@ class PHNN(NetworkOptimizer):
         super().__init__()
 
     def with_horizon(self, horizon: int) -> PHNN:
-        """The same optimizer with its learned schedule stretched over runs of ``horizon`` steps."""
         if self.horizon is None:
-            raise ValueError(f"horizon={horizon}: this phnn has no learned step schedule; leave horizon unset")
+            return super().with_horizon(horizon)
         return PHNN(**{**self.hyperparameters(), "horizon": horizon})
 
     def build_network(self) -> nn.Module:

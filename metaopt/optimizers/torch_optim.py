@@ -56,9 +56,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0,
                  compile: bool = False, fused: bool | None = None, horizon: int | None = None):
         if horizon is not None:
-            if not hasattr(optimizer, "with_horizon"):
-                raise ValueError(f"horizon={horizon}: optimizer {optimizer.kind!r} has no learned step schedule; "
-                                 "leave horizon unset")
             optimizer = optimizer.with_horizon(horizon)
         if lr <= 0:
             raise ValueError(f"lr must be > 0 (a multiplier on the learned updates, 1.0 as trained); got {lr}")
