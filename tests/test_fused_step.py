@@ -1,4 +1,4 @@
-"""The native fused steps of hnn_seed and phnn (metaopt/optimizers/csrc/), built for real with the
+"""The native fused steps of hnn_seed, phnn and lstm (metaopt/optimizers/csrc/), built for real with the
 system C compiler: they compute the batched update, and where they cannot run they say why."""
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ CONFIGS = [  # (kind, options): the kernels' specialised paths first, then their
     ("phnn", {"state_features": True, "hidden": 9}),
     ("phnn", {"state_features": True, "sign_equivariant": True, "preprocess": False, "port": "identity"}),
     ("phnn", {"normalize": True, "sign_equivariant": True, "horizon": 50}),
+    ("lstm", {}),  # log/sign preprocessing, 2 layers of 20
+    ("lstm", {"preprocess": False, "hidden": 7, "layers": 3}),
+    ("lstm", {"hidden": 5, "layers": 1, "out_mul": 0.3}),
 ]
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
@@ -103,7 +106,7 @@ def test_fused_step_computes_the_batched_update(kind, options):
         torch.testing.assert_close(fused_state[key], expected_state[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["hnn_seed", "phnn"])
+@pytest.mark.parametrize("kind", ["hnn_seed", "phnn", "lstm"])
 def test_fused_step_is_the_same_on_one_thread_and_two(kind):
     optimizer, meta_params = trained_like({}, kind=kind)
     grads = gradients([200_000])
@@ -114,10 +117,10 @@ def test_fused_step_is_the_same_on_one_thread_and_two(kind):
             torch.set_num_threads(count)
             params, state = [torch.zeros(200_000)], optimizer.init_state(torch.zeros(200_000))
             optimizer.fused_step(meta_params, params, grads, state, 0, 1.0)
-            results.append((params[0], state["p"]))
+            results.append([params[0], *state.values()])
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(one, two) for one, two in zip(*results))
 
 
 def model_and_data(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -126,7 +129,7 @@ def model_and_data(seed: int = 0, dtype: torch.dtype = torch.float32):
     return model, torch.randn(64, 8, dtype=dtype), torch.randint(0, 3, (64,))
 
 
-@pytest.mark.parametrize("kind", ["hnn_seed", "phnn"])
+@pytest.mark.parametrize("kind", ["hnn_seed", "phnn", "lstm"])
 def test_learned_optimizer_fused_and_batched_train_a_model_alike(kind):
     optimizer, meta_params = trained_like({}, kind=kind)
     model, x, y = model_and_data()
@@ -139,7 +142,8 @@ def test_learned_optimizer_fused_and_batched_train_a_model_alike(kind):
     for p, q in zip(model.parameters(), batched_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     for p, q in zip(model.parameters(), batched_model.parameters()):
-        torch.testing.assert_close(fused.state[p]["p"], batched.state[q]["p"], rtol=1e-4, atol=1e-4)
+        for key in optimizer.init_state(p):
+            torch.testing.assert_close(fused.state[p][key], batched.state[q][key], rtol=1e-4, atol=1e-4)
     assert fused_losses[-1] != fused_losses[0]
 
 
@@ -261,10 +265,10 @@ def test_phnn_options_the_kernel_does_not_take_are_refused_and_run_batched():
 
 
 def test_fused_true_is_refused_where_there_is_no_fused_step():
-    lstm = make_optimizer("lstm")
+    mlp = make_optimizer("mlp")
     model, _, _ = model_and_data()
-    with pytest.raises(ValueError, match="optimizer 'lstm' has no fused step"):
-        LearnedOptimizer(model.parameters(), lstm, lstm.init_meta_params(0), fused=True)
+    with pytest.raises(ValueError, match="optimizer 'mlp' has no fused step"):
+        LearnedOptimizer(model.parameters(), mlp, mlp.init_meta_params(0), fused=True)
     hnn_seed, meta_params = trained_like({})
     with pytest.raises(ValueError, match="exclude each other"):
         LearnedOptimizer(model.parameters(), hnn_seed, meta_params, fused=True, compile=True)
@@ -272,17 +276,19 @@ def test_fused_true_is_refused_where_there_is_no_fused_step():
 
 def meta_step(optimizer, meta_params: dict, grads: torch.Tensor, state: dict, weights: tuple) -> tuple:
     """One update under meta-training: the outputs, and the gradients of a fixed linear loss of them
-    w.r.t. the state p and every meta-parameter."""
+    w.r.t. the first state (p, or lstm's hc) and every meta-parameter."""
     meta_params = {k: v.detach().clone().requires_grad_(True) for k, v in meta_params.items()}
-    p = state["p"].detach().clone().requires_grad_(True)
-    updates, new_state = optimizer.update(meta_params, grads, {**state, "p": p}, 2)
-    loss = (updates * weights[0]).sum() + (new_state["p"] * weights[1]).sum()
+    key = next(iter(state))
+    p = state[key].detach().clone().requires_grad_(True)
+    updates, new_state = optimizer.update(meta_params, grads, {**state, key: p}, 2)
+    loss = (updates * weights[0]).sum() + (new_state[key] * weights[1]).sum()
     return (updates, *new_state.values()), torch.autograd.grad(loss, [p, *meta_params.values()])
 
 
 @pytest.mark.parametrize(("kind", "options"), [
     ("phnn", {}), ("phnn", {"normalize": True}), ("phnn", {"preprocess": False, "hidden": 5}),
     ("hnn_seed", {}), ("hnn_seed", {"preprocess": False}), ("hnn_seed", {"hidden": 7, "activation": "tanh"}),
+    ("lstm", {}), ("lstm", {"preprocess": False, "hidden": 7, "layers": 3}),
 ])
 def test_meta_training_step_and_its_backward_match_the_batched_update(kind, options):
     optimizer, meta_params = trained_like(options, kind=kind)
@@ -291,7 +297,8 @@ def test_meta_training_step_and_its_backward_match_the_batched_update(kind, opti
     grads = gradients([batch * size])[0].reshape(batch, size)
     flat_state = initial_state(optimizer, batch * size, generator)
     state = {k: v.reshape(batch, size, *v.shape[1:]) for k, v in flat_state.items()}
-    weights = (torch.randn(batch, size, generator=generator), torch.randn(state["p"].shape, generator=generator))
+    first_state = next(iter(state.values()))
+    weights = (torch.randn(batch, size, generator=generator), torch.randn(first_state.shape, generator=generator))
     fused_outputs, fused_grads = meta_step(optimizer, meta_params, grads, state, weights)
     # float64 takes the batched update: the reference, computed more exactly
     double = {k: v.double() for k, v in meta_params.items()}
@@ -303,7 +310,7 @@ def test_meta_training_step_and_its_backward_match_the_batched_update(kind, opti
     # absolute tolerance is relative to the largest meta-gradient; the batched float32 update itself
     # misses float64 by up to 6e-6 of it (the kernel: 3e-7).
     scale = max(want.abs().max().item() for want in reference)
-    for name, got, want in zip(["p", *meta_params], fused_grads, reference):
+    for name, got, want in zip(["first state", *meta_params], fused_grads, reference):
         assert want.abs().max() > 0, name
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
@@ -338,7 +345,8 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize(("kind", "options"), [("hnn_seed", {}), ("phnn", {"normalize": True, "sign_equivariant": True})])
+@pytest.mark.parametrize(("kind", "options"), [("hnn_seed", {}), ("phnn", {"normalize": True, "sign_equivariant": True}),
+                                               ("lstm", {})])
 def test_no_grad_and_per_particle_updates_run_the_kernel_and_match_the_batched_update(kind, options, kernel_calls):
     optimizer, _ = trained_like(options, kind=kind)
     particles = [off_initialisation(optimizer.init_meta_params(0), seed, scale=0.3) for seed in range(3)]
@@ -354,7 +362,8 @@ def test_no_grad_and_per_particle_updates_run_the_kernel_and_match_the_batched_u
         single = optimizer.update_no_grad(particles[1], grads[1], {k: v[1] for k, v in state.items()}, 3)
     for fused, batched in [(got[0], want[0]), (single[0], want[0][1])] + [(got[1][k], want[1][k]) for k in state]:
         torch.testing.assert_close(fused, batched, rtol=1e-5, atol=1e-5 * batched.abs().max().item())
-    torch.testing.assert_close(single[1]["p"], want[1]["p"][1], rtol=1e-5, atol=1e-5)
+    for key in state:
+        torch.testing.assert_close(single[1][key], want[1][key][1], rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_update_runs_batched_where_the_kernel_does_not_take_the_tensors(kernel_calls):

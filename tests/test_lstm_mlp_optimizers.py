@@ -55,7 +55,7 @@ def test_update_and_state_shapes(optimizer, shape):
 def test_state_shapes_documented():
     params = torch.zeros(4, 6)
     lstm = CoordinatewiseLSTM(hidden=5, layers=3)
-    assert {k: v.shape for k, v in lstm.init_state(params).items()} == {"h": (4, 6, 3, 5), "c": (4, 6, 3, 5)}
+    assert {k: v.shape for k, v in lstm.init_state(params).items()} == {"hc": (4, 6, 3, 2, 5)}
     assert all((v == 0).all() for v in lstm.init_state(params).values())
     mlp = MLPOptimizer(decays=(0.9, 0.99))
     assert {k: v.shape for k, v in mlp.init_state(params).items()} == {"momenta": (4, 6, 2), "rms": (4, 6)}

@@ -3,11 +3,16 @@ by gradient descent"."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_preprocess
+from metaopt.optimizers.native import FusedUnsupported
+
+_MAX_FUSED_HIDDEN, _MAX_FUSED_LAYERS = 64, 4  # MAX_HIDDEN, MAX_LAYERS in csrc/lstm_step.c
 
 
 def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,28 +38,30 @@ class _StackedLSTM(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, inputs: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``inputs`` [rows, features], ``h``/``c`` [rows, layers, hidden] -> (output [rows], h, c)."""
-        new_h, new_c = [], []
+    def forward(self, inputs: Tensor, hc: Tensor) -> tuple[Tensor, Tensor]:
+        """``inputs`` [rows, features], ``hc`` [rows, layers, 2, hidden] (h, c) -> (output [rows], next hc)."""
+        states = []
         x = inputs
         for layer, cell in enumerate(self.cells):
-            h_layer, c_layer = _lstm_cell(cell, x, h[:, layer], c[:, layer])
-            new_h.append(h_layer)
-            new_c.append(c_layer)
-            x = h_layer
-        return self.head(x).squeeze(-1), torch.stack(new_h, dim=1), torch.stack(new_c, dim=1)
+            x, c_layer = _lstm_cell(cell, x, hc[:, layer, 0], hc[:, layer, 1])
+            states += [x, c_layer]
+        return self.head(x).squeeze(-1), torch.stack(states, dim=1).reshape(hc.shape)
 
 
 class CoordinatewiseLSTM(NetworkOptimizer):
     """Two stacked LSTM layers shared by every coordinate; the update is ``out_mul`` times its output.
 
     Input per coordinate: log/sign-preprocessed gradient (2 features) or the raw gradient (1).
-    The linear read-out starts at zero, so untrained it makes no update.
+    The linear read-out starts at zero, so untrained it makes no update. State: ``hc``, h and c of
+    each layer, ``[..., layers, 2, hidden]``. ``fused_step`` runs the no-grad step in one native pass
+    (``csrc/lstm_step.c``), and first-order meta-training runs through it and a hand-written backward
+    (hidden <= 64, layers <= 4).
     Meta-parameters, with ``I`` inputs, ``H = hidden`` and ``L = layers``:
     ``4H(I + H + 2) + (L - 1)·4H(2H + 2) + H + 1``; 5,301 at the defaults (I=2, H=20, L=2).
     """
 
     kind = "lstm"
+    fused_kernel = "lstm_step"
 
     def __init__(
         self,
@@ -80,20 +87,47 @@ class CoordinatewiseLSTM(NetworkOptimizer):
         return _StackedLSTM(self.input_size, self.hidden, self.layers)
 
     def init_state(self, params: Tensor) -> OptState:
-        zeros = params.new_zeros(params.shape + (self.layers, self.hidden))
-        return {"h": zeros, "c": zeros.clone()}
+        return {"hc": params.new_zeros(params.shape + (self.layers, 2, self.hidden))}
 
     def update(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
+        fused = self._fused_meta_update(meta_params, grads, state, step)
+        if fused is not None:
+            return fused
         inputs = log_sign_preprocess(grads, self.preprocess_p) if self.preprocess else grads.unsqueeze(-1)
-        recurrent_shape = (-1, self.layers, self.hidden)
-        output, h, c = self.apply(
-            meta_params,
-            inputs.reshape(-1, self.input_size),
-            state["h"].reshape(recurrent_shape),
-            state["c"].reshape(recurrent_shape),
-        )
-        state_shape = grads.shape + (self.layers, self.hidden)
-        updates = self.out_mul * output.reshape(grads.shape)
-        return updates, {"h": h.reshape(state_shape), "c": c.reshape(state_shape)}
+        output, hc = self.apply(meta_params, inputs.reshape(-1, self.input_size),
+                                state["hc"].reshape(-1, self.layers, 2, self.hidden))
+        return self.out_mul * output.reshape(grads.shape), {"hc": hc.reshape(state["hc"].shape)}
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
+        if self.hidden > _MAX_FUSED_HIDDEN or self.layers > _MAX_FUSED_LAYERS:
+            raise FusedUnsupported(f"the fused lstm step takes hidden <= {_MAX_FUSED_HIDDEN} and layers <= "
+                                   f"{_MAX_FUSED_LAYERS}, got {self.hidden} and {self.layers}")
+        packed = []
+        for layer in range(self.layers):  # W = [weight_ih, weight_hh], b = bias_ih + bias_hh
+            cell = f"cells.{layer}."
+            packed += [torch.cat([meta_params[cell + "weight_ih"], meta_params[cell + "weight_hh"]], dim=1),
+                       meta_params[cell + "bias_ih"] + meta_params[cell + "bias_hh"]]
+        packed += [meta_params["head.weight"], meta_params["head.bias"]]
+        weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
+        p = self.preprocess_p
+        return weights, [self.input_size, self.hidden, self.layers], [math.exp(-p), p, math.exp(p), self.out_mul, lr]
+
+    def _fused_meta_supported(self) -> bool:
+        return True
+
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
+        grads, offset = {}, 0
+        for layer in range(self.layers):
+            cell = f"cells.{layer}."
+            rows, inputs = meta_params[cell + "weight_ih"].shape
+            columns = inputs + self.hidden
+            weights = sums[offset:offset + rows * columns].float().reshape(rows, columns)
+            bias = sums[offset + rows * columns:offset + rows * (columns + 1)].float()
+            offset += rows * (columns + 1)
+            grads.update({cell + "weight_ih": weights[:, :inputs], cell + "weight_hh": weights[:, inputs:],
+                          cell + "bias_ih": bias, cell + "bias_hh": bias.clone()})
+        grads["head.weight"] = sums[offset:offset + self.hidden].float().reshape(1, self.hidden)
+        grads["head.bias"] = sums[offset + self.hidden:offset + self.hidden + 1].float()
+        return grads

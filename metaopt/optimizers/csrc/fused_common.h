@@ -60,6 +60,16 @@ typedef struct {
     int index;
 } Share;
 
+/* tanh x = x P(x²) / Q(x²) on [-TANH_LIMIT, TANH_LIMIT], within 4e-7 (Eigen's rational approximation);
+   tanh is 1 - 2.7e-7 at the limit. Macros, so that floats and GCC vectors of floats share them. */
+#define TANH_LIMIT 7.90531110763549805f
+#define TANH_P(x2)                                                                                              \
+    ((((((-2.76076847742355e-16f * (x2) + 2.00018790482477e-13f) * (x2) - 8.60467152213735e-11f) * (x2) +      \
+        5.12229709037114e-08f) * (x2) + 1.48572235717979e-05f) * (x2) + 6.37261928875436e-04f) * (x2) +         \
+     4.89352455891786e-03f)
+#define TANH_Q(x2) \
+    (((1.19825839466702e-06f * (x2) + 1.18534705686654e-04f) * (x2) + 2.26843463243900e-03f) * (x2) + 4.89352518554385e-03f)
+
 /* Natural log of x >= 0 (Cephes logf, within 2 ulp of logf), branch-free so that it vectorises, where
    logf would be one library call per coordinate. */
 static inline float log_nonnegative(float x) {

@@ -28,24 +28,12 @@
 
 #define MAX_WIDTH 64
 
-/* tanh within 4e-7 (Eigen's rational approximation), branch-free so that it vectorises. */
+/* tanh (fused_common.h's rational approximation), branch-free so that it vectorises. */
 INLINE float tanh_approx(float x) {
-    const float limit = 7.90531110763549805f; /* tanh is 1 - 2.7e-7 there */
-    x = x < -limit ? -limit : x;
-    x = x > limit ? limit : x;
+    x = x < -TANH_LIMIT ? -TANH_LIMIT : x;
+    x = x > TANH_LIMIT ? TANH_LIMIT : x;
     const float x2 = x * x;
-    float p = -2.76076847742355e-16f;
-    p = p * x2 + 2.00018790482477e-13f;
-    p = p * x2 - 8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    float q = 1.19825839466702e-06f;
-    q = q * x2 + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    return x * p / q;
+    return x * TANH_P(x2) / TANH_Q(x2);
 }
 
 /* ∂H/∂p at p with the learned energy's weights W [hidden, 1 + features], b, w; with `even`, of the
