@@ -71,6 +71,28 @@ def test_state_dict_round_trip_resumes_exactly(options):
     assert all(int(s["step"]) == 10 for s in resumed.state_dict()["state"].values())
 
 
+def test_a_state_dict_of_another_optimizer_is_refused_with_the_state_it_needs():
+    model, x, y = model_and_data()
+    lstm = make_optimizer("lstm")
+    optimizer = LearnedOptimizer(model.parameters(), lstm, off_initialisation(lstm.init_meta_params(0), 0, scale=0.3))
+    train(model, optimizer, x, y, steps=2)
+    saved = optimizer.state_dict()
+    assert all(set(state) == {"hc", "step"} for state in saved["state"].values())
+    older = copy.deepcopy(saved)  # lstm's state before h and c became one tensor
+    for state in older["state"].values():
+        hc = state.pop("hc")
+        state["h"], state["c"] = hc[..., 0, :], hc[..., 1, :]
+    with pytest.raises(ValueError, match=r"holds state \['c', 'h'\] for parameter 0, but a 'lstm' "
+                                         r"LearnedOptimizer keeps \['hc'\]"):
+        optimizer.load_state_dict(older)
+    adam = torch.optim.Adam(model.parameters())
+    train(model, adam, x, y, steps=1)
+    with pytest.raises(ValueError, match=r"holds state \['exp_avg', 'exp_avg_sq'\]"):
+        optimizer.load_state_dict(adam.state_dict())
+    optimizer.load_state_dict(saved)  # its own still loads
+    train(model, optimizer, x, y, steps=1)
+
+
 def test_param_groups_scale_updates_by_their_lr():
     model, x, y = model_and_data()
     first, second = model[0], model[2]

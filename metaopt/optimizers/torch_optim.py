@@ -73,6 +73,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._use_fused = optimizer.fused_kernel is not None and fused is not False and not compile
 
     def load_state_dict(self, state_dict: dict) -> None:
+        expected = sorted(self.optimizer.init_state(torch.zeros(1)))
+        for index, param_state in state_dict.get("state", {}).items():
+            found = sorted(set(param_state) - {STEP})
+            if found != expected:
+                raise ValueError(
+                    f"state_dict holds state {found} for parameter {index}, but a {self.optimizer.kind!r} "
+                    f"LearnedOptimizer keeps {expected}: it was saved by another optimizer or an older metaopt "
+                    "(lstm kept 'h' and 'c' before they became one 'hc')")
         super().load_state_dict(state_dict)
         self._flat.clear()  # the loaded state replaced the views into the flat buffers
 
