@@ -146,6 +146,8 @@ def run_fused_backward(name: str, grad: Tensor, state: list[Tensor], weights: Te
     status = kernel(grad.numel(), grad.data_ptr(), (ctypes.c_void_p * len(state))(*(t.data_ptr() for t in state)),
                     grad_state.data_ptr(), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),
                     (ctypes.c_float * len(scalars))(*scalars), sums.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise MemoryError(f"the fused backward ({name}.c) could not allocate its buffers")
     if status != 0:
         raise FusedUnsupported(f"the fused backward ({name}.c) does not take the shape {shape}")
     return grad_state, sums

@@ -11,7 +11,8 @@
                        const float *weights, const int *shape, const float *scalars,
                        double *grad_weights, int threads)
    with state = (p, dL/dupdate, dL/dp', the kernel's other states), which writes dL/dp and the summed
-   gradients of the weights. Both return 0, or -1 for settings they do not take. */
+   gradients of the weights. Both return 0, or -1 for settings they do not take; a backward kernel
+   returns -2 where it could not allocate its buffers. */
 
 #ifndef METAOPT_FUSED_COMMON_H
 #define METAOPT_FUSED_COMMON_H
@@ -43,6 +44,7 @@ typedef struct {
     const float *scalars;
     double *totals; /* backward kernels: per-share sums of the weights' gradients, share-major */
     int sums;       /* backward kernels: how many gradients each share sums */
+    void *scratch;  /* a kernel's own per-share buffers, allocated before the threads start */
 } Kernel;
 
 /* Steps coordinates [first, first + n) of the concatenation, in share `share`; grad and param point

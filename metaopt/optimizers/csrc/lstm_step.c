@@ -294,17 +294,15 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first,
     const float *hc = kernel->state[0] + first * stride, *grad_update = kernel->state[1] + first,
                 *grad_next = kernel->state[2] + first * stride;
     float *grad_hc = kernel->state[3] + first * stride;
-    Chunk *chunk = aligned_alloc(ALIGN, (sizeof(Chunk) + ALIGN - 1) / ALIGN * ALIGN);
-    float *lanes = aligned_alloc(ALIGN, ((size_t)kernel->sums * LANES * sizeof(float) + ALIGN - 1) / ALIGN * ALIGN);
-    Tape *tape = aligned_alloc(ALIGN, (sizeof(Tape) + ALIGN - 1) / ALIGN * ALIGN);
-    if (!chunk || !lanes || !tape) abort(); /* a few hundred KiB per thread */
+    Chunk *chunk = (Chunk *)kernel->scratch + share;
+    float *lanes = chunk->lanes;
     memset(lanes, 0, sizeof(float) * kernel->sums * LANES);
-    chunk->lanes = lanes;
+    Tape tape;
     int slot = 0;
     for (int64_t i = 0, chunks = 0; i < n; i += LANES) {
         if (i + LANES <= n) {
             backward_block(kernel, grad + i, hc + i * stride, grad_update + i, grad_next + i * stride,
-                           grad_hc + i * stride, tape, chunk, slot, in_size, hidden, layers);
+                           grad_hc + i * stride, &tape, chunk, slot, in_size, hidden, layers);
         } else { /* the last, partial block: padded with zeros and no upstream gradient */
             float tail_grad[LANES] = {0}, tail_update[LANES] = {0};
             float tail_hc[LANES * 2 * MAX_HIDDEN * MAX_LAYERS] = {0}, tail_next[LANES * 2 * MAX_HIDDEN * MAX_LAYERS] = {0},
@@ -313,7 +311,7 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first,
             memcpy(tail_update, grad_update + i, sizeof(float) * (n - i));
             memcpy(tail_hc, hc + i * stride, sizeof(float) * (n - i) * stride);
             memcpy(tail_next, grad_next + i * stride, sizeof(float) * (n - i) * stride);
-            backward_block(kernel, tail_grad, tail_hc, tail_update, tail_next, tail_out, tape, chunk, slot, in_size,
+            backward_block(kernel, tail_grad, tail_hc, tail_update, tail_next, tail_out, &tape, chunk, slot, in_size,
                            hidden, layers);
             memcpy(grad_hc + i * stride, tail_out, sizeof(float) * (n - i) * stride);
         }
@@ -323,9 +321,6 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first,
             if (++chunks % FLUSH_CHUNKS == 0 || i + LANES >= n) flush_lanes(kernel, lanes, share);
         }
     }
-    free(chunk);
-    free(lanes);
-    free(tape);
 }
 
 static void backward_segment(const Kernel *kernel, const float *grad, float *unused, int64_t first, int64_t n,
@@ -344,6 +339,18 @@ int lstm_step_backward(int64_t n, const float *grad, float *const *state, float 
     const int in_size = shape[0], hidden = shape[1], layers = shape[2];
     int sums = 4 * hidden * (in_size + hidden + 1) + (layers - 1) * 4 * hidden * (2 * hidden + 1) + hidden + 1;
     float *const buffers[4] = {state[0], state[1], state[2], grad_hc};
-    const Kernel kernel = {buffers, weights, shape, scalars, 0, sums};
-    return run_backward(backward_segment, kernel, n, grad, grad_hc, grad_weights, threads);
+    /* each share's chunk buffer and per-lane sums (about 1 MiB at the default shape) */
+    const int shares = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    const size_t lane_bytes = ((size_t)sums * LANES * sizeof(float) + ALIGN - 1) / ALIGN * ALIGN;
+    Chunk *chunks = aligned_alloc(ALIGN, (shares * sizeof(Chunk) + ALIGN - 1) / ALIGN * ALIGN);
+    char *lanes = aligned_alloc(ALIGN, shares * lane_bytes);
+    int status = -2;
+    if (chunks && lanes) {
+        for (int t = 0; t < shares; t++) chunks[t].lanes = (float *)(lanes + t * lane_bytes);
+        const Kernel kernel = {buffers, weights, shape, scalars, 0, sums, chunks};
+        status = run_backward(backward_segment, kernel, n, grad, grad_hc, grad_weights, shares);
+    }
+    free(chunks);
+    free(lanes);
+    return status;
 }
