@@ -154,6 +154,33 @@ def test_tiny_asha_search_tracks_trials_and_registers_the_best(ray_cluster, mlfl
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_a_trial_restored_at_its_end_reports_that_end_itself(tmp_path, monkeypatch):
+    """PBT may hand a trial the last checkpoint of a trial that has finished (so nothing is left to
+    train). Tune then keeps the donor's last result as the trial's unless the trial reports: the search
+    table showed the donor's trial id and the trial "stopped early". That timing cannot be forced in a
+    real search, so Tune's session functions are stood in for here; the checkpoint and training are real."""
+    from ray import tune
+
+    from metaopt.meta import MetaTrainer
+    from metaopt.tune.trainable import meta_train_trial
+
+    space = load_search(write_search(tmp_path))
+    sample = {"optimizer.options.init_lr": 0.01, "optimizer.options.activation": "tanh"}
+    donor = MetaTrainer(space.trial_config(sample), tmp_path / "donor")
+    final = donor.train(show_progress=False)
+    reports = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(final))
+    monkeypatch.setattr(tune, "get_context", lambda: type("Context", (), {"get_trial_dir": lambda _: str(tmp_path)})())
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
+
+    meta_train_trial(sample, space)
+    assert len(reports) == 1
+    metrics, checkpoint = reports[0]
+    assert metrics["meta_step"] == TRAIN["train"]["meta_steps"]
+    assert metrics["heldout_loss"] == pytest.approx(donor.history[-1]["heldout_loss"], rel=1e-6)
+    assert (Path(checkpoint.path) / "spec.json").exists()  # a checkpoint Tune can hand on
+
+
 @pytest.mark.parametrize("searcher", ["optuna", "pbt"])
 def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
     if searcher == "optuna":
