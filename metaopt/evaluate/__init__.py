@@ -23,7 +23,7 @@ def default_output_dir(config: Config, name: str, command: str) -> Path:
 
 def stretched_to(optimizer: Optimizer, steps: int) -> Optimizer:
     """``optimizer`` with its learned step schedule, if it has one, stretched over runs of ``steps``."""
-    if getattr(optimizer, "horizon", None) in (None, steps):
+    if optimizer.horizon in (None, steps):
         return optimizer
     return optimizer.with_horizon(steps)
 

@@ -32,6 +32,7 @@ class Optimizer(ABC):
     kind: ClassVar[str]
     learned: ClassVar[bool] = False
     fused_kernel: ClassVar[str | None] = None  # csrc/{fused_kernel}.c, for optimizers with a native step
+    horizon: int | None = None  # the steps of a run a learned step schedule spans; None without one
 
     def init_meta_params(self, seed: int = 0) -> MetaParams:
         """The meta-parameters a meta-trainer learns; empty for hand-designed optimizers."""

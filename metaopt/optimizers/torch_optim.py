@@ -132,7 +132,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _step_flat(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> None:
         """One update of a flat group, fused or batched; its state buffers are overwritten in place."""
-        horizon = getattr(self.optimizer, "horizon", None)
+        horizon = self.optimizer.horizon
         if horizon is not None and int(flat.steps[0]) == horizon:
             warnings.warn(f"step {horizon + 1} passes the {self.optimizer.kind} optimizer's horizon of {horizon} steps: "
                           "its learned schedule holds its last level from here on; to stretch the schedule over a "

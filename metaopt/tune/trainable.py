@@ -49,9 +49,9 @@ def meta_train_trial(sample: dict[str, Any], space: SearchSpace) -> None:
                          **{k: metrics[k] for k in REPORTED if k in metrics}},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-        if trainer.meta_step >= config.train.meta_steps:
-            # PBT exploited a finished trial's last checkpoint: nothing is left to train, but the trial
-            # must still report its end itself, or its last result stays the donor's (its trial id too)
-            report(trainer.save(), {METRIC: trainer.heldout_loss()})
-        else:
-            trainer.train(show_progress=False, on_checkpoint=report)
+        # PBT may hand this trial a finished trial's last checkpoint: nothing is left to train, but the
+        # trial must still report its end itself, or its last result stays the donor's (its trial id too)
+        finished = trainer.meta_step >= config.train.meta_steps
+        final = trainer.train(show_progress=False, on_checkpoint=report)
+        if finished:
+            report(final, {METRIC: trainer.heldout_loss()})
