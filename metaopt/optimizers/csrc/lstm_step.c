@@ -51,8 +51,7 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    V8 features[2];
-    Layer layer[MAX_LAYERS];
+    Layer layer[MAX_LAYERS]; /* the first layer's inputs start with the features of g */
     V8 top[MAX_HIDDEN]; /* h' of the last layer */
 } Tape;
 
@@ -78,27 +77,25 @@ INLINE void gates_forward(const float *W, const float *b, const int k_size, cons
     for (; r < rows; r += 4) gate_rows(W, b, k_size, r, 4, t);
 }
 
+/* bar_in[k .. k + count - 1] = Σ_r W[r][·] bar_gate[r] (count <= 8, a constant where inlined). */
+INLINE void input_columns(const float *W, const V8 *bar_gate, const int k, const int count, const int k_size,
+                          const int rows, V8 *bar_in) {
+    V8 a[8] = {{0}};
+    for (int r = 0; r < rows; r++) {
+        const V8 bg = bar_gate[r * CHUNK_BLOCKS];
+#pragma GCC unroll 8
+        for (int u = 0; u < count; u++) a[u] += W[r * k_size + k + u] * bg;
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < count; u++) bar_in[k + u] = a[u];
+}
+
 /* bar_in[k] = Σ_r W[r][k] bar_gate[r] for k in [first, k_size), eight inputs at a time. */
 INLINE void inputs_backward(const float *W, const V8 *bar_gate, const int first, const int k_size, const int rows,
                             V8 *bar_in) {
-    for (int k = first; k < k_size; k += 8) {
-        V8 a[8] = {{0}};
-        if (k + 8 <= k_size) {
-            for (int r = 0; r < rows; r++) {
-                const V8 bg = bar_gate[r * CHUNK_BLOCKS];
-#pragma GCC unroll 8
-                for (int u = 0; u < 8; u++) a[u] += W[r * k_size + k + u] * bg;
-            }
-#pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) bar_in[k + u] = a[u];
-        } else {
-            for (int r = 0; r < rows; r++) {
-                const V8 bg = bar_gate[r * CHUNK_BLOCKS];
-                for (int u = 0; u < k_size - k; u++) a[u] += W[r * k_size + k + u] * bg;
-            }
-            for (int u = 0; u < k_size - k; u++) bar_in[k + u] = a[u];
-        }
-    }
+    int k = first;
+    for (; k + 8 <= k_size; k += 8) input_columns(W, bar_gate, k, 8, k_size, rows, bar_in);
+    if (k < k_size) input_columns(W, bar_gate, k, k_size - k, k_size, rows, bar_in);
 }
 
 /* The forward of a block: reads g (8 floats) and hc (8 coordinates, `stride` floats apart), fills the
@@ -111,17 +108,15 @@ INLINE V8 forward_block(const Kernel *kernel, const float *g, const float *hc, f
         if (in_size == 2)
             log_sign(g[l], threshold, log_divisor, small_scale, &f0[l], &f1[l]);
         else
-            f0[l] = g[l], f1[l] = 0.0f;
+            f0[l] = g[l];
     }
-    memcpy(&t->features[0], f0, sizeof f0);
-    memcpy(&t->features[1], f1, sizeof f1);
+    memcpy(&t->layer[0].in[0], f0, sizeof f0);
+    if (in_size == 2) memcpy(&t->layer[0].in[1], f1, sizeof f1);
     const float *w = kernel->weights;
-    const V8 *x = t->features;
     int x_size = in_size;
     for (int layer = 0; layer < layers; layer++) {
         Layer *lt = &t->layer[layer];
         const int k_size = x_size + hidden, offset = layer * 2 * hidden;
-        for (int k = 0; k < x_size; k++) lt->in[k] = x[k];
         for (int k = 0; k < hidden; k++)
             for (int l = 0; l < LANES; l++)
                 lt->in[x_size + k][l] = hc[l * stride + offset + k], lt->c[k][l] = hc[l * stride + offset + hidden + k];
@@ -139,7 +134,6 @@ INLINE V8 forward_block(const Kernel *kernel, const float *g, const float *hc, f
                 for (int l = 0; l < LANES; l++)
                     next[l * stride + offset + j] = h_next[j][l], next[l * stride + offset + hidden + j] = c[l];
         }
-        x = h_next;
         x_size = hidden;
     }
     V8 out = splat(w[hidden]);
