@@ -148,3 +148,38 @@ def test_bad_lr_is_rejected():
     model, _, _ = model_and_data()
     with pytest.raises(ValueError, match="lr must be > 0"):
         phnn_optimizer(model.parameters(), lr=0.0)
+
+
+# phnn with the two step-dependent parts (normalize's bias correction, the horizon's schedule); the other kinds
+# keep no step-dependent state, so a shared count must still leave their per-parameter state in place.
+STEP_COUNTED = {"phnn": {"init_lr": 0.1, "normalize": True, "horizon": 100}, "hnn_seed": {}, "lstm": {}, "mlp": {}}
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["fused", "batched"])
+@pytest.mark.parametrize("kind", list(STEP_COUNTED))
+def test_a_parameter_that_skips_steps_leaves_the_others_step_counts_alone(kind, fused):
+    """``a`` (listed first) has no gradient for 50 steps: a frozen or unused layer. Every parameter must
+    still be stepped exactly as its own optimizer would step it, by its own step count."""
+    learned = make_optimizer(kind, **STEP_COUNTED[kind])
+    meta_params = off_initialisation(learned.init_meta_params(0), 0, scale=0.1)
+    generator = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)) for _ in range(60)]
+    a, b = torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)
+    together = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    alone = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    shared = LearnedOptimizer(together, learned, meta_params, fused=fused)
+    own = [LearnedOptimizer([p], learned, meta_params, fused=fused) for p in alone]
+    for step, (grad_a, grad_b) in enumerate(grads):
+        together[0].grad = grad_a.clone() if step >= 50 else None
+        together[1].grad = grad_b.clone()
+        shared.step()
+        if step >= 50:
+            alone[0].grad = grad_a.clone()
+            own[0].step()
+        alone[1].grad = grad_b.clone()
+        own[1].step()
+    assert [int(shared.state[p]["step"]) for p in together] == [10, 60]
+    for p, q in zip(together, alone):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for key in shared.state[together[1]]:
+        torch.testing.assert_close(shared.state[together[1]][key], own[1].state[alone[1]][key], rtol=1e-6, atol=1e-7)

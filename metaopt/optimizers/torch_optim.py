@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -28,6 +29,14 @@ class _FlatGroup:
     sizes: list[int]
     state: OptState  # key -> [total, ...]
     steps: Tensor  # [len(params)] int64
+    runs: list[tuple[int, int, int, int]]  # (first, end) parameters with equal step counts, (first, end) coordinates
+
+
+def _equal_step_runs(steps: list[int], sizes: list[int]) -> list[tuple[int, int, int, int]]:
+    """The ranges of consecutive parameters with equal ``steps``: one when all agree (the usual case)."""
+    starts = [i for i in range(len(steps)) if i == 0 or steps[i] != steps[i - 1]]
+    offsets = [0, *itertools.accumulate(sizes)]
+    return [(start, end, offsets[start], offsets[end]) for start, end in zip(starts, starts[1:] + [len(steps)])]
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -126,33 +135,44 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for param, step_view, *chunks in zip(params, steps.unbind(), *(state[k].split(sizes) for k in keys)):
             self.state[param].update(zip(keys, chunks))
             self.state[param][STEP] = step_view
-        flat = _FlatGroup(param_ids, [p.view(-1) for p in params], sizes, state, steps)
+        # Parameters of a group step together, so the runs hold until the group is rebuilt.
+        flat = _FlatGroup(param_ids, [p.view(-1) for p in params], sizes, state, steps,
+                          _equal_step_runs(steps.tolist(), sizes))
         self._flat[key] = flat
         return flat
 
     def _step_flat(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> None:
-        """One update of a flat group, fused or batched; its state buffers are overwritten in place."""
+        """One update of a flat group, its state buffers overwritten in place. Each parameter follows its own
+        step count: parameters that skipped steps (no ``.grad``) are updated apart from the others."""
+        for start, end, first, last in flat.runs:
+            state = {key: value[first:last] for key, value in flat.state.items()}
+            self._step_run(flat.flat_params[start:end], grads[start:end], flat.sizes[start:end], state,
+                           int(flat.steps[start]), lr, meta_params)
+        flat.steps.add_(1)
+
+    def _step_run(self, params: list[Tensor], grads: list[Tensor], sizes: list[int], state: OptState, step: int,
+                  lr: float, meta_params: MetaParams) -> None:
+        """One update, fused or batched, of flat parameters that share their 0-based ``step`` and whose
+        state is ``state`` (views, overwritten in place)."""
         horizon = self.optimizer.horizon
-        if horizon is not None and int(flat.steps[0]) == horizon:
+        if horizon is not None and step == horizon:
             warnings.warn(f"step {horizon + 1} passes the {self.optimizer.kind} optimizer's horizon of {horizon} steps: "
                           "its learned schedule holds its last level from here on; to stretch the schedule over a "
                           "longer run, pass horizon=<the run's steps> to load_optimizer")
-        if self._use_fused and self._fused_step(flat, grads, lr, meta_params):
-            flat.steps.add_(1)
+        if self._use_fused and self._fused_step(params, grads, state, step, lr, meta_params):
             return
         grad = torch.cat([g.reshape(-1) for g in grads])
-        updates, new_state = self._call_update(meta_params, grad, flat.state, int(flat.steps[0]))
-        torch._foreach_add_(flat.flat_params, updates.split(flat.sizes), alpha=lr)
+        updates, new_state = self._call_update(meta_params, grad, state, step)
+        torch._foreach_add_(params, updates.split(sizes), alpha=lr)
         for key, value in new_state.items():
-            flat.state[key].copy_(value)
-        flat.steps.add_(1)
+            state[key].copy_(value)
 
-    def _fused_step(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> bool:
+    def _fused_step(self, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float,
+                    meta_params: MetaParams) -> bool:
         """Whether the native step ran. With ``fused=None``, inputs it does not take go to the batched
         update; a kernel that cannot be built warns once and turns it off."""
         try:
-            self.optimizer.fused_step(meta_params, flat.flat_params, [g.reshape(-1) for g in grads], flat.state,
-                                      int(flat.steps[0]), float(lr))
+            self.optimizer.fused_step(meta_params, params, [g.reshape(-1) for g in grads], state, step, float(lr))
             return True
         except NativeUnavailable as error:
             if self.fused:
