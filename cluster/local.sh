@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# A local Ray cluster (one head on 127.0.0.1) to submit metaopt jobs to.
+# A local Ray cluster (one head on 127.0.0.1) to submit metaopt jobs to, with Ray's token authentication on.
 #
 #   cluster/local.sh [start] [RAY START OPTIONS...]   e.g. cluster/local.sh start --num-cpus=8 --num-gpus=1
-#   cluster/local.sh status
+#   cluster/local.sh status      prints the address and the exports a client needs
 #   cluster/local.sh stop        stops only the head this script started: the process group of the PID it saved
 #
 # Environment: RAY (the ray command; default `ray` on PATH, else .venv/bin/ray), RAY_PORT (GCS port, 6379),
-# RAY_DASHBOARD_PORT (dashboard and job API, 8265), METAOPT_RAY_DIR (PID file, log and Ray temp dir).
+# RAY_DASHBOARD_PORT (dashboard and job API, 8265), METAOPT_RAY_DIR (PID file, log, client exports, Ray temp dir).
+# Authentication: the head takes the token in RAY_AUTH_TOKEN, else in the file RAY_AUTH_TOKEN_PATH, else in
+# ~/.ray/auth_token (where a local ray.init() saves one); start writes a new random token to that file if it has
+# none, and keeps the file private (mode 0600). Every client needs RAY_AUTH_MODE=token and the same token.
+# RAY_AUTH_MODE=disabled starts the head without authentication: whoever reaches its ports can run code as you.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 state=${METAOPT_RAY_DIR:-/tmp/metaopt-ray-$(id -u)}  # short: Ray's socket paths must stay < 108 chars
 pid_file=$state/head.pid
+client_env=$state/client.env  # the exports a client needs, as start printed them
 port=${RAY_PORT:-6379}
 dashboard_port=${RAY_DASHBOARD_PORT:-8265}
 address=http://127.0.0.1:$dashboard_port
@@ -36,12 +41,44 @@ else new_session=(perl -MPOSIX -e 'POSIX::setsid() or die "setsid: $!\n"; exec @
 fi
 
 alive() { local stat; stat=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $stat != Z* ]]; }
+group_alive() { ps -A -o pgid=,stat= | awk -v group="$1" '$1 == group && $2 !~ /^Z/ {found = 1} END {exit !found}'; }
 port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Decides how the head authenticates: sets head_env (the head's RAY_AUTH_* variables) and writes the client's
+# exports to $client_env.
+authentication() {
+  local mode=${RAY_AUTH_MODE:-token} file
+  case $mode in
+    token) head_env=(RAY_AUTH_MODE=token) ;;
+    disabled)
+      echo "warning: RAY_AUTH_MODE=disabled: the head runs without token authentication; whoever reaches" \
+        "127.0.0.1:$dashboard_port or :$port can run code as $(id -un)" >&2
+      head_env=(RAY_AUTH_MODE=disabled)
+      printf 'export RAY_ADDRESS=%q\nexport RAY_AUTH_MODE=disabled\n' "$address" >"$client_env"
+      return 0 ;;
+    *) echo "RAY_AUTH_MODE=$mode: cluster/local.sh starts the head with token (the default) or disabled" >&2
+      return 1 ;;
+  esac
+  printf 'export RAY_ADDRESS=%q\nexport RAY_AUTH_MODE=token\n' "$address" >"$client_env"
+  if [[ -n ${RAY_AUTH_TOKEN:-} ]]; then
+    echo "# and RAY_AUTH_TOKEN as exported in the shell that started the head" >>"$client_env"
+    return 0
+  fi
+  file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+  if [[ ! -s $file ]]; then
+    (umask 077 && mkdir -p "$(dirname "$file")" && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$file")
+    echo "wrote a new token to $file"
+  fi
+  if [[ -O $file ]]; then chmod 600 "$file"; fi
+  head_env+=(RAY_AUTH_TOKEN_PATH="$file")
+  if [[ $file != "$HOME/.ray/auth_token" ]]; then printf 'export RAY_AUTH_TOKEN_PATH=%q\n' "$file" >>"$client_env"; fi
+}
 
 info() {
   echo "Ray head: $address (PID $1; log: $state/head.log)"
+  echo "A \`ray job\` client needs, in its shell (or: . $client_env):"
+  sed 's/^/  /' "$client_env"
   echo "Submit a job from $root:"
-  echo "  export RAY_ADDRESS=$address"
   echo "  ray job submit --working-dir . -- python jobs/meta_train.py \\"
   echo "      --config jobs/configs/train_mnist_sigmoid_phnn.yaml --set distributed.workers=2 --set task.data.root=$root/data"
   echo "Follow / stop a job: ray job logs JOB_ID --follow; ray job stop JOB_ID"
@@ -49,18 +86,19 @@ info() {
 }
 
 start() {
-  local pid ray
+  local pid ray head_env
   if pid=$(running); then info "$pid"; return 0; fi
   if port_open "$dashboard_port"; then
     echo "port $dashboard_port is already in use (another Ray?); set RAY_DASHBOARD_PORT" >&2; return 1
   fi
   ray=$(ray_command)
   mkdir -p "$state"
+  authentication
   # --block keeps `ray start` in the foreground as the parent of GCS, raylet and dashboard; a new session makes
   # it the leader of its own process group, so `stop` signals exactly these processes.
-  "${new_session[@]}" "$ray" start --head --block --disable-usage-stats --node-ip-address=127.0.0.1 --port="$port" \
-    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" \
-    --temp-dir="$state/tmp" ${@+"$@"} >"$state/head.log" 2>&1 </dev/null &
+  "${new_session[@]}" env "${head_env[@]}" "$ray" start --head --block --disable-usage-stats \
+    --node-ip-address=127.0.0.1 --port="$port" --include-dashboard=true --dashboard-host=127.0.0.1 \
+    --dashboard-port="$dashboard_port" --temp-dir="$state/tmp" ${@+"$@"} >"$state/head.log" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$pid_file"
   for _ in $(seq 120); do
@@ -76,10 +114,14 @@ start() {
 stop() {
   local pid
   if ! pid=$(running); then rm -f "$pid_file"; echo "no Ray head started by $0 is running"; return 0; fi
+  # `ray start` first: it drains the node and stops GCS, raylet and the rest in order (signalled all at once, the
+  # raylet would wait for the GCS it outlived); then SIGTERM, and SIGKILL after 10 s, for what is left of its group.
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 30); do alive "$pid" || break; sleep 1; done
   kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
+  for _ in $(seq 10); do group_alive "$pid" || break; sleep 1; done
   kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$pid_file"
+  rm -f "$pid_file" "$client_env"
   echo "stopped the Ray head (process group $pid)"
 }
 

@@ -13,6 +13,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>\d)(?P<m
 # dropped by the API server's pruning without an error, so the manifests may use only these.
 RAYCLUSTER_SPEC_FIELDS = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
                           "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
-                          "gcsFaultToleranceOptions", "upgradeStrategy"}
+                          "gcsFaultToleranceOptions", "upgradeStrategy", "authOptions"}
 HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
 WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
                        "template", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
@@ -291,6 +292,15 @@ def test_aws_installs_the_synced_checkout():
     assert ".gitignore" in config.get("rsync_filter", []) and ".venv/" in (REPO / ".gitignore").read_text()
 
 
+def test_aws_nodes_run_with_your_token():
+    """Every node's container has RAY_AUTH_MODE=token and gets the token ~/.ray/auth_token from the laptop."""
+    config = load(AWS)
+    assert "--env=RAY_AUTH_MODE=token" in config["docker"]["run_options"], "the containers run without token auth"
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", "file_mounts does not copy the token"
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"] + config["setup_commands"]:
+        assert "RAY_AUTH_MODE" not in command, f"a command overrides the containers' RAY_AUTH_MODE: {command}"
+
+
 def test_aws_shm_holds_the_object_store():
     config = load(AWS)
     docker = config["docker"]
@@ -362,6 +372,17 @@ def test_kuberay_shm_holds_the_object_store(path):
         assert memory > shm, f"{name}: memory limit {memory:g} B leaves no room beside /dev/shm ({shm:g} B)"
 
 
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=["raycluster", "rayjob"])
+def test_kuberay_cluster_requires_a_token(path):
+    """KubeRay (>= 1.5.1) makes the token Secret and sets RAY_AUTH_* in every Ray container: none may override it."""
+    manifest = load(path)
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    assert spec.get("authOptions") == {"mode": "token"}, f"{path.name}: token authentication is not on"
+    for name, group, _ in kuberay_groups(spec):
+        names = {var["name"] for var in ray_container(group).get("env", [])}
+        assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}, f"{name} sets its own RAY_AUTH_*"
+
+
 def test_rayjob_runs_the_same_cluster_as_raycluster():
     assert load(RAYJOB)["spec"]["rayClusterSpec"] == load(RAYCLUSTER)["spec"]
 
@@ -413,13 +434,14 @@ def test_local_sh_rejects_unknown_command(tmp_path):
 
 
 STUB_RAY = """#!{python}
-# A stand-in for `ray start --head --block`: records its arguments, starts a child (like GCS/raylet) and serves
-# the dashboard port until signalled.
+# A stand-in for `ray start --head --block`: records its arguments and authentication settings, starts a child
+# (like GCS/raylet) and serves the dashboard port until signalled.
 import http.server, json, os, subprocess, sys
 args = sys.argv[1:]
 child = subprocess.Popen(["sleep", "300"])
+auth = {{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_")}}
 with open(os.environ["STUB_RECORD"], "w") as f:
-    json.dump({{"args": args, "pid": os.getpid(), "pgid": os.getpgid(0), "child": child.pid}}, f)
+    json.dump({{"args": args, "auth": auth, "pid": os.getpid(), "pgid": os.getpgid(0), "child": child.pid}}, f)
 port = int(next(a.split("=", 1)[1] for a in args if a.startswith("--dashboard-port=")))
 http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler).serve_forever()
 """
@@ -439,14 +461,23 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_local_sh_starts_head_and_stops_only_its_process_group(tmp_path):
+def stub_ray(tmp_path: Path) -> dict[str, str]:
+    """The environment that makes cluster/local.sh run STUB_RAY, which records to tmp_path/record.json."""
     stub = tmp_path / "ray"
     stub.write_text(STUB_RAY.format(python=sys.executable))
     stub.chmod(0o755)
-    record = tmp_path / "record.json"
-    port = _free_port()
-    env = {**os.environ, "RAY": str(stub), "RAY_DASHBOARD_PORT": str(port), "METAOPT_RAY_DIR": str(tmp_path / "state"),
-           "STUB_RECORD": str(record)}
+    return {"RAY": str(stub), "RAY_DASHBOARD_PORT": str(_free_port()), "METAOPT_RAY_DIR": str(tmp_path / "state"),
+            "STUB_RECORD": str(tmp_path / "record.json")}
+
+
+def exports(stdout: str) -> dict[str, str]:
+    """The ``export NAME=VALUE`` lines local.sh prints for a client."""
+    return {name: shlex.split(value)[0] for name, value in re.findall(r"^\s*export (\w+)=(.*)$", stdout, re.M)}
+
+
+def test_local_sh_starts_head_and_stops_only_its_process_group(tmp_path):
+    env = {**os.environ, **stub_ray(tmp_path)}
+    record, port = Path(env["STUB_RECORD"]), env["RAY_DASHBOARD_PORT"]
     # A bystander that looks like a Ray head by name: stopping by name would hit it, stopping by PID must not.
     decoy = subprocess.Popen(["bash", "-c", 'exec -a "ray start --head --block decoy" sleep 300'], start_new_session=True)
     run = lambda *args: subprocess.run([str(LOCAL_SH), *args], capture_output=True, text=True, env=env, timeout=60)
@@ -462,7 +493,10 @@ def test_local_sh_starts_head_and_stops_only_its_process_group(tmp_path):
             assert expected in args, f"ray start lacks {expected}: {args}"
         assert started["pgid"] == started["pid"], "the head does not lead its own process group"
         assert (tmp_path / "state" / "head.pid").read_text().strip() == str(started["pid"])
-        assert f"export RAY_ADDRESS=http://127.0.0.1:{port}" in result.stdout
+        # The suite's RAY_AUTH_MODE=token and RAY_AUTH_TOKEN: the head takes the token from the environment.
+        assert started["auth"] == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
+        assert exports(result.stdout) == {"RAY_ADDRESS": f"http://127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+        assert os.environ["RAY_AUTH_TOKEN"] not in result.stdout
         (entrypoint,) = submit_commands(result.stdout)
         check_entrypoint(entrypoint)
 
@@ -491,6 +525,41 @@ def test_local_sh_starts_head_and_stops_only_its_process_group(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("case", ["default file", "token path", "disabled", "unknown mode"])
+def test_local_sh_decides_authentication(tmp_path, case):
+    """Without RAY_AUTH_* in the shell, start writes a private token to ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)
+    and runs the head with it; RAY_AUTH_MODE=disabled opts out with a warning; any other mode is refused."""
+    home, path = tmp_path / "home", tmp_path / "secrets" / "ray-token"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    env |= stub_ray(tmp_path) | {"HOME": str(home)}
+    env |= {"token path": {"RAY_AUTH_TOKEN_PATH": str(path)}, "disabled": {"RAY_AUTH_MODE": "disabled"},
+            "unknown mode": {"RAY_AUTH_MODE": "tokens"}}.get(case, {})
+    run = lambda command: subprocess.run([str(LOCAL_SH), command], capture_output=True, text=True, env=env, timeout=60)
+    started = run("start")
+    try:
+        if case == "unknown mode":
+            assert started.returncode == 1 and "RAY_AUTH_MODE=tokens" in started.stderr
+            assert not Path(env["STUB_RECORD"]).exists(), "local.sh started a head with an unknown mode"
+            return
+        assert started.returncode == 0, started.stdout + started.stderr
+        head = json.loads(Path(env["STUB_RECORD"]).read_text())["auth"]
+        client = exports(started.stdout)
+        assert client.pop("RAY_ADDRESS") == f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
+        if case == "disabled":
+            assert head == client == {"RAY_AUTH_MODE": "disabled"}
+            assert "without token authentication" in started.stderr and not (home / ".ray").exists()
+            return
+        token_file = home / ".ray" / "auth_token" if case == "default file" else path
+        assert re.fullmatch(r"[0-9a-f]{64}", token_file.read_text()), "not a 256-bit hex token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert head == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        custom_path = {"RAY_AUTH_TOKEN_PATH": str(path)} if case == "token path" else {}
+        assert client == {"RAY_AUTH_MODE": "token"} | custom_path
+        assert (tmp_path / "state" / "client.env").read_text() in started.stdout.replace("\n  ", "\n")
+    finally:
+        assert run("stop").returncode == 0
+
+
 # --- README ---------------------------------------------------------------------------------------------------------
 
 
@@ -503,6 +572,17 @@ def test_readme_covers_start_follow_stop_for_each_way():
         assert needed in text, f"cluster/README.md does not mention `{needed}`"
     for path in re.findall(r"\bcluster/[\w./-]+\.(?:sh|yaml)\b", text):
         assert (REPO / path).is_file(), f"cluster/README.md names {path}, which does not exist"
+
+
+def test_readme_clients_send_the_token():
+    """Each way's commands export RAY_AUTH_MODE=token before their first `ray job` command: without it Ray sends
+    no token and the cluster refuses the job."""
+    for title, body in readme_sections().items():
+        if not title.startswith(("Local", "Cloud", "Kubernetes")):
+            continue
+        code = "\n".join(re.findall(r"^```(?:bash|sh)\n(.*?)^```", body, re.S | re.M))
+        first_job = code.index("ray job ")
+        assert "export RAY_AUTH_MODE=token" in code[:first_job], f"README section {title!r}: no RAY_AUTH_MODE=token"
 
 
 def test_readme_jobs_are_valid_and_fit_their_clusters():
