@@ -187,6 +187,12 @@ class DistributedConfig(StrictModel):
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(2, ge=0, description="async: gradients more meta-steps old than this are dropped")
     max_restarts: int = Field(3, ge=-1, description="restarts of a dead worker (-1: unlimited)")
+    restart_timeout: float = Field(
+        600.0, gt=0, description="seconds a failed worker may take to answer again before it is dropped, "
+        "e.g. when its node is gone and no other node has room for it")
+    resources: dict[str, Annotated[float, Field(ge=0.0001)]] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {rollout: 1}: workers run only "
+        "on nodes started with them (ray start --resources='{\"rollout\": 4}')")
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, a running "
                                 "`ray start` cluster, or a local Ray started for this run")
 
@@ -196,6 +202,15 @@ class DistributedConfig(StrictModel):
         if num_gpus != "auto" and num_gpus < 0:
             raise ValueError("num_gpus must be >= 0 or auto")
         return num_gpus
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        if {"CPU", "GPU"} & set(resources):
+            raise ValueError("set CPUs and GPUs with num_cpus and num_gpus, not in resources")
+        if "" in resources:
+            raise ValueError("a resource name must not be empty")
+        return resources
 
 
 class TrackingConfig(StrictModel):

@@ -43,6 +43,14 @@ BAD = [
     ("schedule off the episode", lambda d: d.update(optimizer={"kind": "phnn", "options": {"horizon": 50}},
                                                     train={"episode_length": 100}),
      r"optimizer\.options\.horizon \(50\) must equal train\.episode_length \(100\)"),
+    ("CPUs as a custom resource", lambda d: d.update(distributed={"resources": {"CPU": 1}}),
+     r"distributed\.resources: set CPUs and GPUs with num_cpus and num_gpus, not in resources"),
+    ("unnamed resource", lambda d: d.update(distributed={"resources": {"": 1}}),
+     r"distributed\.resources: a resource name must not be empty"),
+    ("finer than Ray's resources", lambda d: d.update(distributed={"resources": {"rollout": 0.00001}}),
+     r"distributed\.resources\.rollout: Input should be greater than or equal to 0\.0001"),
+    ("no restart wait", lambda d: d.update(distributed={"restart_timeout": 0}),
+     r"distributed\.restart_timeout: Input should be greater than 0"),
 ]
 
 
@@ -57,6 +65,8 @@ def test_valid_config_gets_defaults():
     assert config.task.hidden_sizes == [20] and config.task.batch_size == 128
     assert config.task.data.split == "train" and config.evaluate.seed == 0
     assert [o.name for o in config.evaluate.optimizers] == ["adam", "sgd"]
+    distributed = validate_config({**copy.deepcopy(VALID), "distributed": {}}).distributed
+    assert distributed.resources == {} and distributed.restart_timeout == 600
 
 
 def test_overrides_set_nested_values_and_list_items(tmp_path):

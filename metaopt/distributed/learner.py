@@ -5,14 +5,17 @@ validation, checkpoints); ``WorkerGroup`` replaces its in-process estimator. Eac
 current meta-parameters are put in the object store once as a flat float32 array and every
 worker reads them from there:
 
-- ``sync``: every worker estimates on its share; the learner averages what comes back. A worker
-  that dies mid-unroll is restarted by Ray (``max_restarts``) and its share is skipped until it
-  answers again (a non-blocking probe), so the learner never waits on it; once Ray has no restarts
-  left for it (``ActorDiedError``, as opposed to the temporary ``ActorUnavailableError``) it is
-  dropped.
+- ``sync``: every worker estimates on its share; the learner averages what comes back.
 - ``async``: workers run continuously; each meta-step applies the first gradient to arrive and
   hands that worker the new meta-parameters. A gradient computed from meta-parameters more than
   ``max_staleness`` meta-steps old is dropped and counted.
+
+A worker that dies mid-unroll is restarted by Ray (``max_restarts``) and its share is skipped until
+it answers again (a non-blocking probe), so the learner never waits on it. It is dropped, with a
+warning, once Ray has no restarts left for it (``ActorDiedError``, as opposed to the temporary
+``ActorUnavailableError``), or once it has not answered for ``restart_timeout`` seconds: Ray waits
+forever to restart a worker no node has room for, e.g. when its node is gone and its ``resources``
+are nowhere else free.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from metaopt.config import Config, ConfigError
+from metaopt.config import Config, ConfigError, DistributedConfig
 from metaopt.distributed.worker import RolloutWorker, flatten, unflatten
 from metaopt.meta.estimators import Estimate
 from metaopt.optimizers import MetaParams
@@ -36,6 +39,39 @@ from metaopt.tasks import task_data
 
 # How long the learner pauses when every live worker is restarting, before asking again.
 RESTART_POLL_SECONDS = 0.2
+# Ray's own resources; the others in ray.cluster_resources() are custom ones or per-node markers.
+RAY_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+DIED = "it died and Ray has no restarts left for it (distributed.max_restarts)"
+
+
+def worker_resources(dist: DistributedConfig, resources: dict[str, float]) -> dict[str, float]:
+    """What one RolloutWorker reserves (``CPU``, ``GPU`` where it gets one, custom ``resources``), after checking
+    that a cluster with ``resources`` (``ray.cluster_resources()``) can host every worker, before any is created."""
+    for name, amount in dist.resources.items():
+        need, have = dist.workers * amount, resources.get(name, 0.0)
+        if need > have:
+            custom = ", ".join(f"{key}={value:g}" for key, value in sorted(resources.items())
+                               if key not in RAY_RESOURCES and not key.startswith(("node:", "accelerator_type:")))
+            raise ConfigError(
+                f"distributed.workers={dist.workers} × resources.{name}={amount:g} needs {need:g} {name} but "
+                f"the Ray cluster has {have:g} (its custom resources: {custom or 'none'}); start nodes with "
+                f"ray start --resources='{{\"{name}\": N}}', or change distributed.resources or workers")
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if dist.workers * dist.num_cpus > cpus:
+        raise ConfigError(
+            f"distributed.workers={dist.workers} × num_cpus={dist.num_cpus} needs "
+            f"{dist.workers * dist.num_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower "
+            "distributed.workers or distributed.num_cpus, or add nodes")
+    if dist.num_gpus == "auto":
+        num_gpus = math.floor(min(1.0, gpus / dist.workers) * 1e4) / 1e4 if gpus else 0.0
+    else:
+        num_gpus = float(dist.num_gpus)
+    if num_gpus > 0 and dist.workers * num_gpus > gpus:
+        raise ConfigError(
+            f"distributed.workers={dist.workers} × num_gpus={dist.num_gpus} needs "
+            f"{dist.workers * dist.num_gpus:g} GPUs but the Ray cluster has {gpus:g}; set "
+            "distributed.num_gpus: auto (or 0 on a cluster without GPUs), or a smaller fraction")
+    return {"CPU": float(dist.num_cpus), **({"GPU": num_gpus} if num_gpus else {}), **dist.resources}
 
 
 class WorkerGroup:
@@ -45,11 +81,12 @@ class WorkerGroup:
         config.require("optimizer", "train", "distributed")
         self.config = config
         dist = config.distributed
-        num_gpus = self._num_gpus(dist, ray.cluster_resources())
+        reserved = worker_resources(dist, ray.cluster_resources())
         data = task_data(config.task, "meta_train")
         data_ref = ray.put(data) if data is not None else None  # once; Ray copies it to each node once
         actor = ray.remote(RolloutWorker).options(
-            num_cpus=dist.num_cpus, num_gpus=num_gpus, max_restarts=dist.max_restarts, max_task_retries=0)
+            num_cpus=reserved["CPU"], num_gpus=reserved.get("GPU", 0.0), resources=dist.resources,
+            max_restarts=dist.max_restarts, max_task_retries=0)
         threads = max(1, int(dist.num_cpus))
         self.workers = [
             actor.remote(config.model_dump(), index, dist.workers, data_ref, threads) for index in range(dist.workers)
@@ -58,31 +95,14 @@ class WorkerGroup:
         self.template = config.optimizer.build().init_meta_params(config.train.seed)
         self.version = 0  # meta-parameter broadcasts so far
         self.episodes = [0] * dist.workers  # each worker's latest episode, to continue after a restart
-        self.down: set[int] = set()  # last call failed: restarting, or restarted and due a fresh episode
-        self.probes: dict[int, ray.ObjectRef] = {}  # down worker -> a pid() call that answers once it is back
+        self.down: dict[int, float] = {}  # last call failed -> since when: restarting, or back and due a fresh episode
+        self.probes: dict[int, ray.ObjectRef] = {}  # down worker -> a where() call that answers once it is back
         self.last_nonfinite: set[int] = set()
         self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # async: ref -> (worker, version)
         self.idle = set(self.alive)
         self.failures = self.stale_dropped = 0
-        ray.get([w.pid.remote() for w in self.workers])  # constructed (data loaded) before the clock starts
+        ray.get([w.where.remote() for w in self.workers])  # constructed (data loaded) before the clock starts
 
-    @staticmethod
-    def _num_gpus(dist, resources: dict) -> float:
-        """GPUs per worker; checks the cluster can host every worker before any is created."""
-        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-        if dist.workers * dist.num_cpus > cpus:
-            raise ConfigError(
-                f"distributed.workers={dist.workers} × num_cpus={dist.num_cpus} needs "
-                f"{dist.workers * dist.num_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower "
-                "distributed.workers or distributed.num_cpus, or add nodes")
-        if dist.num_gpus == "auto":
-            return math.floor(min(1.0, gpus / dist.workers) * 1e4) / 1e4 if gpus else 0.0
-        if dist.num_gpus > 0 and dist.workers * dist.num_gpus > gpus:
-            raise ConfigError(
-                f"distributed.workers={dist.workers} × num_gpus={dist.num_gpus} needs "
-                f"{dist.workers * dist.num_gpus:g} GPUs but the Ray cluster has {gpus:g}; set "
-                "distributed.num_gpus: auto (or 0 on a cluster without GPUs), or a smaller fraction")
-        return float(dist.num_gpus)
 
     # --- GradientSource -------------------------------------------------------------------------
 
@@ -117,14 +137,17 @@ class WorkerGroup:
             except RayActorError:
                 self._mark_down(index)
                 states.append(None)
-        return {"workers": states, "alive": list(self.alive)}
+        return {"workers": states, "alive": list(self.alive), "started": self.config.distributed.workers}
 
     def load_state_dict(self, saved: dict) -> None:
-        if saved.get("alive") != self.alive:
+        """The saved workers' optimizees, if this run has the same live workers with the same shares."""
+        saved_states = saved.get("workers", [])
+        started = saved.get("started", len(saved_states))  # checkpoints without it were saved with every worker
+        if (saved.get("alive"), started) != (self.alive, self.config.distributed.workers):
             warnings.warn(
-                f"the checkpoint's optimizee state is from {len(saved.get('workers', [])) or 'no'} Ray worker(s), "
-                f"this run has {len(self.alive)}: the meta-parameters and meta-optimizer resume exactly, "
-                "the workers start fresh episodes", stacklevel=2)
+                f"the checkpoint's optimizee state is from {len(saved_states) or 'no'} Ray worker(s) (of {started} "
+                f"started), this run has {len(self.alive)} (of {self.config.distributed.workers}): the "
+                "meta-parameters and meta-optimizer resume exactly, the workers start fresh episodes", stacklevel=2)
             return
         ray.get([self.workers[i].load_state_dict.remote(state)
                  for i, state in zip(self.alive, saved["workers"]) if state is not None])
@@ -134,35 +157,43 @@ class WorkerGroup:
     def _mark_down(self, index: int) -> None:
         if index not in self.down:  # a new failure, not a call made while Ray restarts it
             self.failures += 1
-            self.down.add(index)
+            self.down[index] = time.monotonic()
 
-    def _drop(self, index: int) -> None:
-        """Give up on a worker Ray has no restarts left for."""
+    def _drop(self, index: int, why: str) -> None:
+        """Give up on worker ``index``: its share of the optimizees is skipped from now on."""
+        ray.kill(self.workers[index])  # also withdraws a restart still waiting for a node
         self.alive.remove(index)
         self.idle.discard(index)
+        self.probes.pop(index, None)
         if not self.alive:
             raise RuntimeError(
-                "every Ray RolloutWorker died and could not be restarted; see the worker logs "
-                "(ray logs, or the job's log) and raise distributed.max_restarts if they were preempted")
+                f"every Ray RolloutWorker was dropped, the last because {why}; see the worker logs (ray logs, "
+                "or the job's log), and raise distributed.max_restarts if they were preempted")
+        warnings.warn(f"dropped Ray RolloutWorker {index} because {why}; the run goes on with "
+                      f"{len(self.alive)} of {len(self.workers)} workers")
 
     def _ready(self, index: int) -> bool:
         """Whether worker ``index`` can take work now; never blocks. A worker that failed is asked
-        for its PID, and takes work again once Ray has restarted it and it answers."""
+        where it runs, and takes work again once Ray has restarted it and it answers."""
         if index not in self.down:
             return True
         if index not in self.probes:
-            self.probes[index] = self.workers[index].pid.remote()
+            self.probes[index] = self.workers[index].where.remote()
         ready, _ = ray.wait([self.probes[index]], timeout=0)
-        if not ready:
-            return False
-        try:
-            ray.get(self.probes.pop(index))
-        except ActorDiedError:
-            self._drop(index)
-            return False
-        except RayActorError:  # still restarting: ask again next time
-            return False
-        return True
+        if ready:
+            try:
+                ray.get(self.probes.pop(index))
+                return True
+            except ActorDiedError:
+                self._drop(index, DIED)
+                return False
+            except RayActorError:  # still restarting: ask again next time
+                pass
+        timeout = self.config.distributed.restart_timeout
+        if time.monotonic() - self.down[index] > timeout:
+            self._drop(index, f"it has not answered for {timeout:g} s since it failed (distributed.restart_timeout): "
+                       "no node may have room to restart it, e.g. its node is gone and its resources are nowhere else")
+        return False
 
     def _submit(self, index: int, params_ref: ray.ObjectRef) -> ray.ObjectRef:
         fresh_episode = self.episodes[index] + 1 if index in self.down else None
@@ -177,10 +208,10 @@ class WorkerGroup:
             result = ray.get(ref)
         except RayActorError as error:
             self._mark_down(index)
-            if isinstance(error, ActorDiedError):  # Ray has no restarts left for it
-                self._drop(index)
+            if isinstance(error, ActorDiedError):
+                self._drop(index, DIED)
             return None
-        self.down.discard(index)
+        self.down.pop(index, None)
         self.episodes[index] = result["episode"]
         result["worker"] = index
         return result
@@ -236,8 +267,12 @@ class WorkerGroup:
             stats=stats,
         )
 
+    def worker_places(self) -> list[tuple[int, str]]:
+        """Each live worker's process ID and Ray node ID."""
+        return ray.get([self.workers[i].where.remote() for i in self.alive])
+
     def worker_pids(self) -> list[int]:
-        return ray.get([self.workers[i].pid.remote() for i in self.alive])
+        return [pid for pid, _ in self.worker_places()]
 
     def close(self) -> None:
         for worker in self.workers:

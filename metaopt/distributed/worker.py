@@ -98,5 +98,8 @@ class RolloutWorker:
     def load_state_dict(self, saved: dict) -> None:
         self.estimator.load_state_dict(to_device(saved, self.device))
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[int, str]:
+        """This worker's process ID and Ray node ID."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
