@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,27 @@ import pytest
 # would otherwise start every worker through that uv command line in a copy of the checkout, where
 # the project-local .tools/bin/uv does not exist, and no worker would start.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray's token authentication on, as a user's cluster runs it, with a token of this session's own: every
+# cluster the suite starts and every client it runs (this process, jobs, `ray` commands) inherits both, and
+# nothing reads or writes the user's ~/.ray/auth_token.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metaopt_cache(tmp_path_factory) -> Path:
+    """``METAOPT_CACHE_DIR`` of the session's own (native builds, registry pulls): nothing lands in the user's
+    ~/.cache/metaopt, and every process the suite starts (Ray workers too) shares it."""
+    cache = tmp_path_factory.mktemp("metaopt-cache")
+    previous = os.environ.get("METAOPT_CACHE_DIR")
+    os.environ["METAOPT_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("METAOPT_CACHE_DIR", None)
+    else:
+        os.environ["METAOPT_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +95,6 @@ def ray_cluster() -> RayCluster:
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={_free_port()}",
     ]
-    # Token authentication off for this loopback-only cluster and its clients (this process, jobs):
-    # once a local `ray.init()` has saved ~/.ray/auth_token, Ray would otherwise turn it on.
-    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = open(temp_dir.with_suffix(".log"), "w")
@@ -95,16 +112,15 @@ def ray_cluster() -> RayCluster:
         _stop_group(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
-        if previous_auth_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous_auth_mode
 
 
 def _answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (with any status: a 401 from an authenticated one too)."""
     try:
         with urllib.request.urlopen(url, timeout=2):
             return True
+    except urllib.error.HTTPError:
+        return True
     except OSError:
         return False
 
@@ -126,10 +142,17 @@ def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store, started and stopped by PID."""
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store, started and stopped by PID.
 
-    def __init__(self, root: Path):
+    With ``password``, MLflow's basic-auth app: its user store in ``root``, and an admin user
+    ``admin`` with that password, set in its auth config file.
+    """
+
+    ADMIN = "admin"
+
+    def __init__(self, root: Path, password: str | None = None):
         self.root = root
+        self.password = password
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -140,8 +163,17 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
         ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes to start
+        if self.password:
+            config = self.root / "basic_auth.ini"
+            config.write_text(  # a checked password is cached for a minute: a hash per request would be slow
+                f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
+                f"admin_username = {self.ADMIN}\nadmin_password = {self.password}\nauth_cache_ttl_seconds = 60\n")
+            command += ["--app-name", "basic-auth"]
+            env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
         log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
         deadline = time.monotonic() + 120
         while not _answers(f"{self.uri}/health"):
             if self.process.poll() is not None or time.monotonic() > deadline:

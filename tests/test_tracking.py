@@ -23,8 +23,10 @@ TINY = ["--set", "train.meta_steps=4", "--set", "train.eval_every=2", "--set", "
 
 
 @pytest.fixture(autouse=True)
-def fresh_mlflow_globals(monkeypatch):
-    """Each test picks its own tracking URI; none leaks into the next through MLflow's globals."""
+def fresh_mlflow_globals(monkeypatch, tmp_path):
+    """Each test picks its own tracking URI and a cache of its own for what it loads; none leaks into the
+    next through MLflow's globals."""
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)

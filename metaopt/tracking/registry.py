@@ -3,26 +3,100 @@
 A registered optimizer is an MLflow pyfunc model (logged from code, pickle-free) whose artifacts
 hold the checkpoint (``optimizer.safetensors`` + ``spec.json``), the meta-training config and the
 evaluation table. Versions are promoted with aliases (``latest``, ``candidate``, ``production``),
-never the deprecated stages.
+never the deprecated stages. Registration records the SHA-256 of the weights (version tag
+``metaopt.sha256``, and ``sha256`` in the logged ``spec.json``); every load checks it.
+
+Loads are cached under ``cache_root()``, a registered model by name and version number: an alias
+is resolved on the server at every load, so a newly promoted version is picked up, while a
+version, a run's artifact or a logged model, once cached, loads with no server at all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from metaopt import __version__
-from metaopt.meta.checkpoint import SPEC, CheckpointError, load_checkpoint
+from metaopt.meta.checkpoint import SPEC, WEIGHTS, CheckpointError, read_spec
+from metaopt.tracking.tracker import bound_http_requests
 
 MODEL_ARTIFACT = "optimizer"  # the model's name inside its run
 CODE = Path(__file__).with_name("pyfunc_model.py")
 LATEST = "latest"  # MLflow's reserved alias: always the newest version
+DIGEST_TAG = "metaopt.sha256"  # model-version tag: the SHA-256 of the registered weights
+DIGEST_KEY = "sha256"  # the same digest in the registered checkpoint's spec.json
+ABSENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # MLflow's answers for an unknown name
 
 
 class RegistryError(LookupError):
-    """A registered model, version or alias does not exist, or is not a metaopt optimizer."""
+    """A registered model, version or alias does not exist, is not a metaopt optimizer, or the
+    tracking server cannot be reached or refuses the credentials."""
+
+
+def cache_root() -> Path:
+    """``registry/`` beside the native kernels' cache: under ``$METAOPT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/metaopt`` or ``~/.cache/metaopt``."""
+    from metaopt.optimizers.native import cache_dir
+
+    return cache_dir().with_name("registry")
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    """The hex SHA-256 of checkpoint folder ``checkpoint``'s weights file."""
+    with open(Path(checkpoint) / WEIGHTS, "rb") as weights:
+        return hashlib.file_digest(weights, "sha256").hexdigest()
+
+
+@contextmanager
+def _server(uri: str):
+    """Requests to the tracking server at ``uri`` with bounded HTTP retries; an unreachable server or
+    refused credentials raise ``RegistryError``."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    bound_http_requests()
+    try:
+        yield
+    except (MlflowException, requests.RequestException) as error:
+        refused = _access_error(error, uri)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _access_error(error: Exception, uri: str) -> RegistryError | None:
+    """What ``error`` says when the server at ``uri`` cannot be reached or refuses the credentials, else None."""
+    import requests
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    cause = error
+    while cause is not None and not isinstance(cause, (requests.ConnectionError, requests.Timeout)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        reason = getattr(cause.args[0], "reason", cause) if cause.args else cause  # urllib3's, after retries
+        return RegistryError(
+            f"the MLflow tracking server at {uri} cannot be reached ({str(reason).rsplit(': ', 1)[-1]}); check "
+            "that it is running and that --tracking-uri (or MLFLOW_TRACKING_URI) names it (a version loaded "
+            "before, models:/NAME/VERSION, loads from the cache without it)")
+    code = getattr(error, "error_code", None)
+    user = read_mlflow_creds().username
+    if code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
+        return RegistryError(
+            f"the MLflow tracking server at {uri} refused authentication "
+            f"({f'user {user!r}: wrong password, or no such user' if user else 'no credentials given'}); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server")
+    if code == "PERMISSION_DENIED":
+        return RegistryError(
+            f"the MLflow tracking server at {uri} denied user {user!r} this request; ask its admin for the "
+            "permission, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it")
+    return None
 
 
 def log_optimizer_model(run_id: str, checkpoint: Path, extra_artifacts: dict[str, Path] | None = None,
@@ -32,22 +106,25 @@ def log_optimizer_model(run_id: str, checkpoint: Path, extra_artifacts: dict[str
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    artifacts = {"checkpoint": str(_weights_only_copy(checkpoint))}
-    artifacts |= {name: str(path) for name, path in (extra_artifacts or {}).items() if Path(path).exists()}
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=str(CODE), artifacts=artifacts,
-            pip_requirements=[f"metaopt=={__version__}"],
-        )
+    with tempfile.TemporaryDirectory(prefix="metaopt-model-") as folder:
+        artifacts = {"checkpoint": str(_weights_only_copy(Path(checkpoint), Path(folder)))}
+        artifacts |= {name: str(path) for name, path in (extra_artifacts or {}).items() if Path(path).exists()}
+        with _server(mlflow.get_tracking_uri()), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT, python_model=str(CODE), artifacts=artifacts,
+                pip_requirements=[f"metaopt=={__version__}"],
+            )
     return info.model_uri
 
 
-def _weights_only_copy(checkpoint: Path) -> Path:
-    """The checkpoint's weights and spec, without the trainer state a user never needs."""
-    copy = Path(tempfile.mkdtemp(prefix="metaopt-model-")) / "checkpoint"
+def _weights_only_copy(checkpoint: Path, folder: Path) -> Path:
+    """The checkpoint's weights and spec (with the weights' SHA-256) in ``folder``, without the trainer
+    state a user never needs."""
+    copy = folder / "checkpoint"
     copy.mkdir()
-    for name in ("optimizer.safetensors", SPEC):
-        shutil.copy2(Path(checkpoint) / name, copy / name)
+    shutil.copy2(checkpoint / WEIGHTS, copy / WEIGHTS)
+    spec = {**read_spec(checkpoint), DIGEST_KEY: weights_sha256(copy)}
+    (copy / SPEC).write_text(json.dumps(spec, indent=2))
     return copy
 
 
@@ -61,9 +138,11 @@ def register_optimizer(model_uri: str, name: str, alias: str | None = None, tags
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
-    if alias and alias.lower() != LATEST:
-        MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version.version)
+    client = MlflowClient(tracking_uri)
+    with _server(client.tracking_uri):
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+        if alias and alias.lower() != LATEST:
+            client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 
 
@@ -76,25 +155,32 @@ def register_run(run_id: str, name: str, alias: str | None = None, tracking_uri:
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise RegistryError(f"no MLflow run {run_id!r} at {client.tracking_uri}") from None
-    if run_dir is None:
-        run_dir = Path(tempfile.mkdtemp(prefix="metaopt-run-"))
-        for path in ("checkpoints/best", "config.yaml", "evaluation/table.md"):
-            try:
-                client.download_artifacts(run_id, path, str(run_dir))
-            except (MlflowException, OSError):
-                if path == "checkpoints/best":
-                    raise RegistryError(f"run {run_id} has no checkpoints/best artifact: it is not a metaopt "
-                                        "meta-training run, or it never finished") from None
-    run_dir = Path(run_dir)
-    model_uri = log_optimizer_model(
-        run_id, run_dir / "checkpoints" / "best",
-        {"config": run_dir / "config.yaml", "evaluation": run_dir / "evaluation" / "table.md"}, tracking_uri)
-    tags = {"metaopt.version": __version__, "run_name": run.info.run_name, **tags}
-    return register_optimizer(model_uri, name, alias, tags, tracking_uri)
+    with _server(client.tracking_uri), tempfile.TemporaryDirectory(prefix="metaopt-run-") as download:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code not in ABSENT:
+                raise
+            raise RegistryError(f"no MLflow run {run_id!r} at {client.tracking_uri}") from None
+        if run_dir is None:
+            run_dir = Path(download)
+            for path in ("checkpoints/best", "config.yaml", "evaluation/table.md"):
+                target = (run_dir / path).parent  # MLflow downloads into target / the path's last part
+                target.mkdir(parents=True, exist_ok=True)
+                try:
+                    client.download_artifacts(run_id, path, str(target))
+                except (MlflowException, OSError):
+                    if path == "checkpoints/best":
+                        raise RegistryError(f"run {run_id} has no checkpoints/best artifact: it is not a metaopt "
+                                            "meta-training run, or it never finished") from None
+        run_dir = Path(run_dir)
+        checkpoint = run_dir / "checkpoints" / "best"
+        model_uri = log_optimizer_model(
+            run_id, checkpoint, {"config": run_dir / "config.yaml", "evaluation": run_dir / "evaluation" / "table.md"},
+            tracking_uri)
+        tags = {"metaopt.version": __version__, "run_name": run.info.run_name, DIGEST_TAG: weights_sha256(checkpoint),
+                **tags}
+        return register_optimizer(model_uri, name, alias, tags, tracking_uri)
 
 
 def promote(name: str, version: int, alias: str, tracking_uri: str | None = None) -> None:
@@ -104,8 +190,9 @@ def promote(name: str, version: int, alias: str, tracking_uri: str | None = None
         raise RegistryError("'latest' is MLflow's reserved alias for the newest version; choose another "
                             "alias, such as candidate or production")
     client = MlflowClient(tracking_uri)
-    _version(client, name, str(version))
-    client.set_registered_model_alias(name, alias, str(version))
+    with _server(client.tracking_uri):
+        _registered_version(client, name, version=str(version))
+        client.set_registered_model_alias(name, alias, str(version))
 
 
 def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
@@ -114,11 +201,12 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
 
     client = MlflowClient(tracking_uri)
     rows = []
-    for model in client.search_registered_models():
-        versions = client.search_model_versions(f"name = '{model.name}'")
-        rows.append({"name": model.name, "versions": len(versions),
-                     "latest_version": max((int(v.version) for v in versions), default=None),
-                     "aliases": dict(model.aliases)})
+    with _server(client.tracking_uri):
+        for model in client.search_registered_models():
+            versions = client.search_model_versions(f"name = '{model.name}'")
+            rows.append({"name": model.name, "versions": len(versions),
+                         "latest_version": max((int(v.version) for v in versions), default=None),
+                         "aliases": dict(model.aliases)})
     return rows
 
 
@@ -127,11 +215,12 @@ def show_model(name: str, tracking_uri: str | None = None) -> list[dict[str, Any
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    model = _model(client, name)
+    with _server(client.tracking_uri):
+        model = _model(client, name)
+        versions = client.search_model_versions(f"name = '{name}'")
     aliases_of: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():
         aliases_of.setdefault(str(version), []).append(alias)
-    versions = client.search_model_versions(f"name = '{name}'")
     return [{"version": int(v.version), "aliases": sorted(aliases_of.get(str(v.version), [])), "run_id": v.run_id,
              "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))]
 
@@ -147,44 +236,115 @@ def pull(source: str, directory: Path, tracking_uri: str | None = None) -> Path:
 
 
 def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint folder for ``source``: a folder, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
-    or ``runs:/RUN_ID/...``."""
+    """A local checkpoint folder for ``source``, its weights checked against their registered SHA-256:
+    a folder, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/...``."""
     text = str(source)
     if not text.startswith(("models:/", "runs:/")):
         path = Path(text).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"{path} is not a checkpoint folder, and not a models:/ or runs:/ URI")
-        return path
-    import mlflow
+        return _verified(path, None, f"checkpoint {path}", "pull it again")
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
-    if text.startswith("models:/") and not text.startswith("models:/m-"):
-        _check_registered(client, text.removeprefix("models:/"))
-    target = Path(tempfile.mkdtemp(prefix="metaopt-pull-"))
+    with _server(client.tracking_uri):
+        reference = text.partition(":/")[2]
+        if text.startswith("runs:/") or reference.startswith("m-"):  # a run's artifact, a logged model
+            return _cached(client, text, None)
+        name, _, version = reference.partition("/")
+        name, _, alias = name.partition("@")
+        if not (alias or version):
+            raise RegistryError(f"{text} names no version or alias: load models:/{name}@ALIAS or models:/{name}/VERSION")
+        if version and _entry(client, text).is_dir():  # a version never changes: no server needed
+            return _cached(client, text, None)
+        registered = _registered_version(client, name, alias, version)
+        return _cached(client, f"models:/{name}/{registered.version}", registered.tags.get(DIGEST_TAG))
+
+
+def _entry(client, source: str) -> Path:
+    """The cache folder of ``source`` (a version, run artifact or logged model) from ``client``'s server."""
+    uri = client.tracking_uri
+    if uri.startswith("sqlite:///"):  # a local store: by its absolute path
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    server = re.sub(r"(?<=://)[^/@]*@", "", uri)  # no credentials in folder names
+    return cache_root() / _folder_name(server) / _folder_name(source)
+
+
+def _folder_name(text: str) -> str:
+    """A short, readable folder name that only ``text`` maps to."""
+    readable = re.sub(r"[^\w.]+", "-", text).strip("-")[:60]
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _cached(client, source: str, expected: str | None) -> Path:
+    """The cached checkpoint of ``source``, downloaded unless cached, its weights verified either way."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    entry = _entry(client, source)
+    if entry.is_dir():
+        return _verified(entry, expected, f"the cached copy of {source}", f"delete {entry} to download it again")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=entry.parent) as folder:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder,
+                                                             tracking_uri=client.tracking_uri))
+        except (MlflowException, OSError) as error:
+            if _access_error(error, client.tracking_uri):
+                raise
+            raise RegistryError(f"cannot download {source} from {client.tracking_uri}: "
+                                f"{str(error).splitlines()[0][:300]}") from None
+        found = [p.parent for p in local.rglob(SPEC)] if local.is_dir() else []
+        if not found or not (found[0] / WEIGHTS).is_file():
+            raise RegistryError(f"{source} is not a metaopt optimizer: it holds no checkpoint ({SPEC} and {WEIGHTS})")
+        staged = Path(folder) / ".entry"
+        staged.mkdir()
+        for name in (WEIGHTS, SPEC):
+            shutil.copy2(found[0] / name, staged / name)
+        _verified(staged, expected, f"{source} at {client.tracking_uri}",
+                  "the artifact store holds other weights than were registered; restore them or register again")
+        try:
+            os.replace(staged, entry)  # atomic: a half-finished download never looks complete
+        except OSError:
+            if not entry.is_dir():  # else another process cached it first
+                raise
+    return entry
+
+
+def _verified(checkpoint: Path, expected: str | None, what: str, remedy: str) -> Path:
+    """``checkpoint``, once its weights match ``expected``, else the digest its spec records (if any)."""
+    expected = expected or read_spec(checkpoint).get(DIGEST_KEY)
+    if not expected:  # registered before digests were recorded, or a checkpoint straight from training
+        return checkpoint
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(target),
-                                                         tracking_uri=tracking_uri))
+        actual = weights_sha256(checkpoint)
+    except OSError as error:
+        raise CheckpointError(f"{what}: cannot read {WEIGHTS} ({error})") from None
+    if actual != expected:
+        raise CheckpointError(f"{what}: {WEIGHTS} does not match its registered SHA-256 (expected {expected}, "
+                              f"found {actual}); the weights were altered or damaged: {remedy}")
+    return checkpoint
+
+
+def _registered_version(client, name: str, alias: str | None = None, version: str | None = None):
+    """Model version ``name@alias`` or ``name/version``, with clear errors for an unknown name, alias or version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
-        raise RegistryError(f"cannot download {text} from {client.tracking_uri}: {error.message}") from None
-    found = [p.parent for p in local.rglob(SPEC)] if local.is_dir() else []
-    if not found:
-        raise RegistryError(f"{text} is not a metaopt optimizer: it holds no checkpoint ({SPEC} and weights)")
-    return found[0]
-
-
-def _check_registered(client, reference: str) -> None:
-    """Clear errors for an unknown model name, alias or version."""
-    name, _, version = reference.partition("/")
-    name, _, alias = name.partition("@")
+        if error.error_code not in ABSENT:
+            raise
     model = _model(client, name)
-    if alias and alias.lower() != LATEST and alias not in model.aliases:
+    if alias and alias.lower() == LATEST:
+        raise RegistryError(f"registered model {name!r} has no versions yet")
+    if alias:
         known = ", ".join(f"@{a} (version {v})" for a, v in model.aliases.items()) or "none"
         raise RegistryError(f"registered model {name!r} has no alias {alias!r}; its aliases: {known}. "
                             f"Set one with `metaopt registry promote {name} VERSION {alias}`")
-    if version:
-        _version(client, name, version)
+    versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+    raise RegistryError(f"registered model {name!r} has no version {version}; versions: "
+                        f"{', '.join(sorted(versions, key=int)) or 'none'}")
 
 
 def _model(client, name: str):
@@ -192,31 +352,9 @@ def _model(client, name: str):
 
     try:
         return client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as error:
+        if error.error_code not in ABSENT:
+            raise
         names = [m.name for m in client.search_registered_models()]
         raise RegistryError(f"no registered model {name!r} at {client.tracking_uri}; registered: "
                             f"{', '.join(names) or 'none'}") from None
-
-
-def _version(client, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, version)
-    except MlflowException:
-        versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
-        raise RegistryError(f"registered model {name!r} has no version {version}; versions: "
-                            f"{', '.join(sorted(versions, key=int)) or 'none'}") from None
-
-
-def load_optimizer(source: str | Path, params: Iterable, tracking_uri: str | None = None, **options: Any):
-    """A ``torch.optim.Optimizer`` that steps ``params`` with the trained optimizer at ``source``.
-
-    ``source``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/optimizer`` or a local
-    checkpoint folder. ``options`` go to ``LearnedOptimizer`` (e.g. ``lr``, a multiplier on the
-    learned updates, 1.0 as trained; ``horizon``, the steps of the run for a learned step schedule).
-    """
-    from metaopt.optimizers.torch_optim import LearnedOptimizer
-
-    optimizer, meta_params, _ = load_checkpoint(resolve_checkpoint(source, tracking_uri))
-    return LearnedOptimizer(params, optimizer, meta_params, **options)

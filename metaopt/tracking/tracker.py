@@ -22,9 +22,16 @@ BUFFER = "mlflow_buffer.jsonl"
 RUN_FILE = "mlflow_run.json"  # the run's id and tracking URI, once the run exists
 RETRY_OFFLINE_S = 30.0  # while unreachable, try the server again at most this often
 DEFAULT_EXPERIMENT = "metaopt"
-# Bounded HTTP retries: MLflow's defaults (7 retries, 120 s timeout) would stall training for minutes.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# Bounded HTTP retries for every request metaopt makes to MLflow (training's writes, the registry's
+# reads): with MLflow's defaults (7 retries, 120 s timeout) a server that does not answer stalls either
+# for minutes; with these a request to it fails within 2 x 10 s.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bound_http_requests() -> None:
+    """MLflow's HTTP retries and timeout as ``HTTP_DEFAULTS``, where the environment does not set them."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -77,8 +84,7 @@ class RunTracker:
         import mlflow
         from mlflow import MlflowClient
 
-        for key, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+        bound_http_requests()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self.run_dir / RUN_FILE

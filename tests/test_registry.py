@@ -1,0 +1,177 @@
+"""The registry against real `mlflow server`s on 127.0.0.1: a server that does not answer, the load cache,
+a password-protected server, and weights that do not match their registered SHA-256."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import metaopt
+from metaopt.cli import main as metaopt_main
+from metaopt.meta.checkpoint import WEIGHTS, CheckpointError, save_checkpoint
+from metaopt.optimizers import make_optimizer
+from metaopt.tracking import RegistryError
+from metaopt.tracking.registry import DIGEST_TAG, cache_root, weights_sha256
+from metaopt.tracking.tracker import HTTP_DEFAULTS
+from conftest import MlflowServer
+from test_tracking import fit, fresh_mlflow_globals, train_cli  # noqa: F401 - fresh_mlflow_globals: autouse
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port():
+    """A port on 127.0.0.1 whose server accepts every connection and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    server.close()
+
+
+def entries() -> list:
+    """The cached checkpoints (the cache of this test: METAOPT_CACHE_DIR is the test's own)."""
+    return sorted(path for path in cache_root().glob("*/*") if not path.name.startswith("."))
+
+
+def negate(weights_file) -> None:
+    """Replace a safetensors file by another valid one: the same tensors, negated."""
+    save_file({name: -tensor for name, tensor in load_file(weights_file).items()}, str(weights_file))
+
+
+@pytest.mark.parametrize("port", ["closed_port", "silent_port"])
+def test_a_server_that_does_not_answer_fails_fast(port, request, monkeypatch):
+    """With metaopt's bounded HTTP retries (MLflow's own wait minutes): a refused connection, and one that
+    is accepted and never answered."""
+    for key in HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    uri = f"http://127.0.0.1:{request.getfixturevalue(port)}"
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match=f"server at {re.escape(uri)} cannot be reached.*is running.*"
+                                            "MLFLOW_TRACKING_URI"):
+        metaopt.load_optimizer("models:/any-phnn@production", nn.Linear(2, 1).parameters(), tracking_uri=uri)
+    assert time.monotonic() - start < 30
+
+
+def test_the_registry_commands_fail_fast_without_a_server(closed_port, tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # set by the user: kept
+    for action in (["list"], ["show", "any-phnn"], ["promote", "any-phnn", "1", "production"],
+                   ["pull", "any-phnn@production", str(tmp_path / "pulled")], ["register", "0" * 32, "any-phnn"]):
+        assert metaopt_main(["registry", "--tracking-uri", uri, *action]) == 2
+        assert f"server at {uri} cannot be reached" in capsys.readouterr().err
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def logged_run(uri: str, folder) -> str:
+    """A run holding a phnn checkpoint as ``checkpoints/best``, as meta-training logs it (untrained: quicker)."""
+    optimizer = make_optimizer("phnn")
+    best = save_checkpoint(folder / "checkpoints", 0, optimizer, optimizer.init_meta_params(0), name="best")
+    client = MlflowClient(uri)
+    run_id = client.create_run("0").info.run_id  # MLflow's Default experiment
+    client.log_artifacts(run_id, str(best), "checkpoints/best")
+    return run_id
+
+
+def test_loads_are_cached_by_version_verified_every_time_and_leave_no_temporary_folders(mlflow_server, tmp_path,
+                                                                                       monkeypatch):
+    uri = mlflow_server.uri
+    run_id = logged_run(uri, tmp_path)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # torch's own, kept on purpose
+    assert metaopt_main(["registry", "--tracking-uri", uri, "register", run_id, "cached-phnn"]) == 0
+    digest = MlflowClient(uri).get_model_version("cached-phnn", "1").tags[DIGEST_TAG]
+    best = tmp_path / "checkpoints" / "best"
+    assert digest == weights_sha256(best) and "sha256" not in json.loads((best / "spec.json").read_text())
+
+    params = list(nn.Linear(10, 1).parameters())
+    metaopt.load_optimizer("models:/cached-phnn@latest", params, tracking_uri=uri)
+    [entry] = entries()
+    downloaded = (entry / WEIGHTS).stat()
+    metaopt.load_optimizer("models:/cached-phnn@latest", params, tracking_uri=uri)
+    assert entries() == [entry] and (entry / WEIGHTS).stat().st_ino == downloaded.st_ino  # not downloaded again
+    assert json.loads((entry / "spec.json").read_text())["sha256"] == digest
+    assert list(temp.iterdir()) == []
+
+    negate(entry / WEIGHTS)  # the cached copy altered: refused, by alias (checked against the tag) and by version
+    altered = weights_sha256(entry)
+    for source in ("models:/cached-phnn@latest", "models:/cached-phnn/1"):
+        with pytest.raises(CheckpointError, match=f"cached copy of models:/cached-phnn/1: {WEIGHTS} does not match "
+                                                  f"its registered SHA-256 \\(expected {digest}, found {altered}\\)"):
+            metaopt.load_optimizer(source, params, tracking_uri=uri)
+
+    # The weights altered in the server's artifact store: a second version, its file replaced.
+    assert metaopt_main(["registry", "--tracking-uri", uri, "register", run_id, "cached-phnn"]) == 0
+    model_id = MlflowClient(uri).get_model_version("cached-phnn", "2").source.removeprefix("models:/")
+    [stored] = [p for p in (mlflow_server.root / "artifacts").rglob(WEIGHTS) if model_id in p.parts]
+    negate(stored)
+    with pytest.raises(CheckpointError, match=f"models:/cached-phnn/2 at {uri}: .*expected {digest}, "
+                                              f"found {weights_sha256(stored.parent)}"):
+        metaopt.load_optimizer("models:/cached-phnn/2", params, tracking_uri=uri)
+    assert entries() == [entry] and list(temp.iterdir()) == []  # nothing cached, nothing left behind
+
+
+def test_a_password_protected_server_takes_runs_and_loads_with_credentials_only(tmp_path, monkeypatch, capsys):
+    """MLflow's basic-auth app; afterwards, with the server stopped, a cached version loads and an alias fails."""
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow", password=f"metaopt-{os.urandom(8).hex()}")
+    server.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.ADMIN)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.password)
+        assert train_cli("--output", str(tmp_path / "run"), "--tracking-uri", server.uri, "--register", "guarded") == 0
+        assert "registered guarded version 1" in capsys.readouterr().out
+        model = nn.Linear(10, 1)
+        losses = fit(model, metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri))
+        assert losses[-1] < losses[0]
+
+        refused = f"server at {re.escape(server.uri)} refused authentication \\(%s\\); set MLFLOW_TRACKING_USERNAME " \
+                  "and MLFLOW_TRACKING_PASSWORD"
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+        with pytest.raises(RegistryError, match=refused % "user 'admin': wrong password, or no such user"):
+            metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri)
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(RegistryError, match=refused % "no credentials given"):
+            metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri)
+        assert metaopt_main(["registry", "--tracking-uri", server.uri, "list"]) == 2
+        assert "refused authentication (no credentials given)" in capsys.readouterr().err
+
+        server.stop()
+        metaopt.load_optimizer("models:/guarded/1", model.parameters(), tracking_uri=server.uri)  # from the cache
+        with pytest.raises(RegistryError, match="cannot be reached"):
+            metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri)
+    finally:
+        server.stop()
