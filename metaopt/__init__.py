@@ -8,8 +8,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 
-def load_optimizer(source, params, **options):
-    """A trained optimizer as a ``torch.optim.Optimizer`` for ``params``; see ``metaopt.tracking.load_optimizer``."""
-    from metaopt.tracking.registry import load_optimizer as load
+def __getattr__(name: str):
+    """``metaopt.load_optimizer`` (``metaopt.api``), imported on first use so ``import metaopt`` stays light."""
+    if name == "load_optimizer":
+        from metaopt.api import load_optimizer
 
-    return load(source, params, **options)
+        return load_optimizer
+    raise AttributeError(f"module 'metaopt' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load_optimizer"]

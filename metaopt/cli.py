@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -29,8 +28,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from metaopt.evaluate import Candidate, default_output_dir, run_evaluation, stretched_to
+    from metaopt.evaluate import Candidate, default_output_dir, stretched_to
     from metaopt.meta import MetaTrainer, load_checkpoint
+    from metaopt.pipeline import compare_track_register, gradient_source
 
     config = load_config(args.config, args.set)
     config.require("optimizer", "train", "evaluate")
@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = resume.parent.parent if (resume / "spec.json").exists() else resume
     else:
         run_dir = Path(args.output) if args.output else default_output_dir(config, Path(args.config).stem, "train")
-    with _gradient_source(config, args.address) as source:
+    with gradient_source(config, args.address) as source:
         trainer = MetaTrainer(config, run_dir, gradient_source=source)
         if args.resume:
             trainer.resume(Path(args.resume))
@@ -79,11 +79,16 @@ def _train(args: argparse.Namespace) -> int:
     ]
     title = (f"{config.task.kind}: {learned} (best of {trainer.meta_step} meta-steps) vs hand-designed, "
              f"{config.evaluate.runs} held-out runs")
-    _, table = run_evaluation(config, run_dir / "evaluation", not args.no_progress, leading, title)
-    print(table)
+    register = (config.tracking.register_as, config.tracking.alias) if config.tracking.register_as else None
+    outcome = compare_track_register(
+        config, run_dir, leading, title, tracker, register, tags={"task": config.task.kind,
+                                                                 "heldout_loss": trainer.best_heldout},
+        artifacts=[(checkpoint, f"checkpoints/{checkpoint.name}"), (run_dir / "metrics.parquet", None)],
+        show_progress=not args.no_progress)
+    print(outcome.table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
     if tracker:
-        _finish_tracking(tracker, config, run_dir, trainer, checkpoint)
+        _print_tracking(tracker, config, run_dir, outcome)
     return 0
 
 
@@ -144,14 +149,8 @@ def _metrics_sink(tracker, print_validation: bool):
     return sink
 
 
-def _finish_tracking(tracker, config, run_dir: Path, trainer, checkpoint: Path) -> None:
-    """Checkpoints, metrics and the evaluation as artifacts; register the best optimizer if asked."""
-    tracker.log_artifacts(trainer.best_checkpoint, "checkpoints/best")
-    tracker.log_artifacts(checkpoint, f"checkpoints/{checkpoint.name}")
-    tracker.log_artifacts(run_dir / "evaluation", "evaluation")
-    for name in ("metrics.parquet", "config.yaml"):
-        tracker.log_artifacts_file(run_dir / name)
-    tracker.finish()
+def _print_tracking(tracker, config, run_dir: Path, outcome) -> None:
+    """Where the run's MLflow writes went, and how to load (or register) its optimizer."""
     uri, default_uri = tracker.tracking_uri, _default_uri()
     name, alias = config.tracking.register_as, config.tracking.alias
     register_later = f"`metaopt registry --tracking-uri {uri} register {tracker.run_id or 'RUN_ID'} {name}`"
@@ -160,19 +159,13 @@ def _finish_tracking(tracker, config, run_dir: Path, trainer, checkpoint: Path) 
               f"deliver them with `metaopt sync {run_dir}`" + (f", then register with {register_later}" if name else ""))
         return
     print(f"MLflow run {tracker.run_id} at {uri}; open it with: mlflow ui --backend-store-uri {uri}")
-    if name:
-        from metaopt.tracking.registry import register_run
-
-        try:
-            version = register_run(tracker.run_id, name, alias, tracking_uri=uri, task=config.task.kind,
-                                   heldout_loss=trainer.best_heldout, run_dir=run_dir)
-        except Exception as error:  # noqa: BLE001 - the trained optimizer is safe on disk either way
-            print(f"registering {name} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
-                  f"run and its checkpoints are saved; register it later with {register_later}", file=sys.stderr)
-            return
-        print(f"registered {name} version {version} (models:/{name}@{alias}); train your own model with it:\n"
-              f"  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', model.parameters())"
-              + ("" if uri == default_uri else f"  # with MLFLOW_TRACKING_URI={uri}"))
+    if outcome.register_error:
+        print(f"registering {name} failed ({outcome.register_error}); the run and its checkpoints are saved; "
+              f"register it later with {register_later}", file=sys.stderr)
+    elif outcome.registered_version is not None:
+        print(f"registered {name} version {outcome.registered_version} (models:/{name}@{alias}); train your own "
+              f"model with it:\n  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', "
+              "model.parameters())" + ("" if uri == default_uri else f"  # with MLFLOW_TRACKING_URI={uri}"))
 
 
 def _default_uri() -> str:
@@ -235,21 +228,43 @@ def _print_validation(meta_step: int, metrics: dict[str, float]) -> None:
               f"{metrics['heldout_loss']:.4g}, {metrics['optimizee_steps_per_s']:.0f} optimizee steps/s", flush=True)
 
 
-def _gradient_source(config, address: str | None):
-    """Ray RolloutWorkers when the config has a ``distributed`` section, else the in-process estimator."""
-    if config.distributed is None:
-        return contextlib.nullcontext(None)
-    from metaopt.distributed import ray_workers
-
-    return ray_workers(config, address)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config, e.g. jobs/configs/quadratic.yaml")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set evaluate.runs=10 (repeatable)")
     parser.add_argument("--output", metavar="DIR", help="output folder (default: <output_dir>/<config>-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """``metaopt train``'s options and handler, all but CONFIG (jobs/meta_train.py takes it as --config)."""
+    _add_run_options(parser)
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue a run folder (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--address", metavar="ADDRESS",
+                        help="Ray cluster to meta-train on (default: distributed.address, RAY_ADDRESS, a running "
+                        "`ray start` cluster, else a local Ray); implies a distributed section")
+    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: tracking.uri, "
+                        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--register", metavar="NAME", help="register the best optimizer as MLflow model NAME")
+    parser.add_argument("--no-tracking", action="store_true", help="do not track the run in MLflow")
+    parser.set_defaults(handler=_train, command="train")
+
+
+def add_tune_options(parser: argparse.ArgumentParser) -> None:
+    """``metaopt tune``'s options and handler, all but CONFIG (jobs/tune.py takes it as --config)."""
+    _add_run_options(parser)
+    parser.add_argument("--samples", type=int, metavar="N", help="trials to run (default: search.samples)")
+    parser.add_argument("--address", metavar="ADDRESS", help="Ray cluster (default: RAY_ADDRESS, a running "
+                        "`ray start` cluster, else a local Ray)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR (Tuner.restore)")
+    parser.add_argument("--register", metavar="NAME", help="register the best optimizer as NAME@candidate")
+    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default as for train)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not track the search in MLflow")
+    parser.set_defaults(handler=_tune, command="tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the configured optimizers on held-out optimizees; write curves.parquet, "
         "summary.parquet, table.md and curves.png, and print the table.",
     )
-    _add_common(evaluate)
+    _add_config(evaluate)
+    _add_run_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     train = commands.add_parser(
@@ -272,16 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Meta-train config.optimizer on config.task (truncated unrolls, Adam meta-steps), "
         "checkpointing under the run folder; then evaluate it against config.evaluate's optimizers.",
     )
-    _add_common(train)
-    train.add_argument("--resume", metavar="PATH", help="continue a run folder (its latest checkpoint) or a checkpoint folder")
-    train.add_argument("--address", metavar="ADDRESS",
-                       help="Ray cluster to meta-train on (default: distributed.address, RAY_ADDRESS, a running "
-                       "`ray start` cluster, else a local Ray); implies a distributed section")
-    train.add_argument("--tracking-uri", metavar="URI",
-                       help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    train.add_argument("--register", metavar="NAME", help="register the best optimizer as MLflow model NAME")
-    train.add_argument("--no-tracking", action="store_true", help="do not track the run in MLflow")
-    train.set_defaults(handler=_train)
+    _add_config(train)
+    add_train_options(train)
 
     tune = commands.add_parser(
         "tune", help="search the learned optimizer's architecture with Ray Tune; register the best",
@@ -289,15 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a space, a searcher and scheduler) on Ray; every trial meta-trains and reports its validation loss. "
         "Writes results.parquet and the best trial's comparison with the default architecture and the "
         "hand-designed baselines; tracks the search and its trials in MLflow; registers the best.")
-    _add_common(tune)
-    tune.add_argument("--samples", type=int, metavar="N", help="trials to run (default: search.samples)")
-    tune.add_argument("--address", metavar="ADDRESS", help="Ray cluster (default: RAY_ADDRESS, a running "
-                      "`ray start` cluster, else a local Ray)")
-    tune.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR (Tuner.restore)")
-    tune.add_argument("--register", metavar="NAME", help="register the best optimizer as NAME@candidate")
-    tune.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default as for train)")
-    tune.add_argument("--no-tracking", action="store_true", help="do not track the search in MLflow")
-    tune.set_defaults(handler=_tune)
+    _add_config(tune)
+    add_tune_options(tune)
 
     sync = commands.add_parser(
         "sync", help="deliver a run's MLflow writes buffered while the tracking server was unreachable",
@@ -330,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed command; a bad config, missing data or an unreachable server is one error line and exit 2."""
     try:
         return args.handler(args)
     except (ConfigError, DataNotFoundError, CheckpointError, ConnectionError, LookupError) as error:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from metaopt.meta.unroll import mean_final_loss, rollout_losses
 from metaopt.optimizers import MetaParams, Optimizer
-from metaopt.tasks import Optimizees, TaskFamily, optimizee_seeds
+from metaopt.tasks import TaskFamily, optimizee_seeds
 
 
 @dataclass
@@ -37,39 +36,6 @@ class Result:
     @property
     def final_losses(self) -> Tensor:
         return self.losses[:, -1]
-
-
-def rollout_losses(
-    family: TaskFamily,
-    optimizer: Optimizer,
-    meta_params: MetaParams,
-    optimizees: Optimizees,
-    steps: int,
-    progress: tqdm | None = None,
-) -> Tensor:
-    """Optimize every optimizee for ``steps`` steps as one batch; losses ``[B, steps + 1]``."""
-    params = optimizees.params.detach().clone()
-    state = optimizer.init_state(params)
-    losses = []
-    for step in range(steps + 1):
-        params.requires_grad_(True)
-        loss = family.batched_loss(params, optimizees, step)
-        losses.append(loss.detach())
-        if step == steps:
-            break
-        (grads,) = torch.autograd.grad(loss.sum(), params)
-        with torch.no_grad():
-            updates, state = optimizer.update_no_grad(meta_params, grads, state, step)
-            params = params.detach() + updates
-        if progress is not None:
-            progress.update(1)
-    return torch.stack(losses, dim=1).cpu()
-
-
-def mean_final_loss(losses: Tensor) -> float:
-    """Mean loss at the last step; a run that diverged (non-finite) makes it infinite."""
-    final = losses[:, -1]
-    return float(final.mean()) if torch.isfinite(final).all() else math.inf
 
 
 def compare(

@@ -16,11 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from metaopt.config import Config, resolve_device
-from metaopt.evaluate.harness import mean_final_loss, rollout_losses
 from metaopt.meta.checkpoint import (
     CheckpointError, list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint,
 )
 from metaopt.meta.estimators import Estimator, GradientSource, make_estimator
+from metaopt.meta.unroll import mean_final_loss, rollout_losses
 from metaopt.optimizers import MetaParams, Optimizer
 from metaopt.tasks import TaskFamily, make_task, optimizee_seeds
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from metaopt.optimizers import MetaParams, Optimizer, OptState
 from metaopt.tasks import Optimizees, TaskFamily
@@ -147,3 +149,36 @@ class _CheckpointedUnroll(torch.autograd.Function):
             meta_grads = [total + g for total, g in zip(meta_grads, grads[:len(values)])]
             carried = grads[len(values):]
         return (None, None, None, None, None, *meta_grads)
+
+
+def rollout_losses(
+    family: TaskFamily,
+    optimizer: Optimizer,
+    meta_params: MetaParams,
+    optimizees: Optimizees,
+    steps: int,
+    progress: tqdm | None = None,
+) -> Tensor:
+    """Optimize every optimizee for ``steps`` steps as one batch; losses ``[B, steps + 1]``."""
+    params = optimizees.params.detach().clone()
+    state = optimizer.init_state(params)
+    losses = []
+    for step in range(steps + 1):
+        params.requires_grad_(True)
+        loss = family.batched_loss(params, optimizees, step)
+        losses.append(loss.detach())
+        if step == steps:
+            break
+        (grads,) = torch.autograd.grad(loss.sum(), params)
+        with torch.no_grad():
+            updates, state = optimizer.update_no_grad(meta_params, grads, state, step)
+            params = params.detach() + updates
+        if progress is not None:
+            progress.update(1)
+    return torch.stack(losses, dim=1).cpu()
+
+
+def mean_final_loss(losses: Tensor) -> float:
+    """Mean loss at the last step; a run that diverged (non-finite) makes it infinite."""
+    final = losses[:, -1]
+    return float(final.mean()) if torch.isfinite(final).all() else math.inf

@@ -19,13 +19,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from metaopt.config import ConfigError
-from metaopt.distributed import ray_connection
-from metaopt.distributed.learner import WorkerGroup
-from metaopt.evaluate import Candidate, run_evaluation
+from metaopt.distributed import ray_connection, worker_resources
+from metaopt.evaluate import Candidate
 from metaopt.meta import MetaTrainer, load_checkpoint
+from metaopt.pipeline import compare_track_register, gradient_source
 from metaopt.tracking.tracker import flatten
 from metaopt.tune.space import METRIC, SearchSpace
-from metaopt.tune.trainable import REPORTED, gradient_source, meta_train_trial
+from metaopt.tune.trainable import REPORTED, meta_train_trial
 
 RESULTS = "results.parquet"
 
@@ -98,9 +98,9 @@ def trial_resources(space: SearchSpace) -> tune.PlacementGroupFactory:
             bundles[0]["GPU"] = search.trial_gpus
     else:
         dist = config.distributed
-        gpus = WorkerGroup._num_gpus(dist, cluster)
-        space.base["distributed"]["num_gpus"] = gpus  # what the trial's workers ask for is what is reserved
-        bundles += [{"CPU": dist.num_cpus, **({"GPU": gpus} if gpus else {})} for _ in range(dist.workers)]
+        worker = worker_resources(dist, cluster)
+        space.base["distributed"]["num_gpus"] = worker.get("GPU", 0.0)  # the trial's workers ask for what is reserved
+        bundles += [dict(worker) for _ in range(dist.workers)]
     for resource in ("CPU", "GPU"):
         need, have = sum(b.get(resource, 0.0) for b in bundles), cluster.get(resource, 0.0)
         if need > have:
@@ -209,11 +209,8 @@ def run_search(space: SearchSpace, folder: Path | None = None, address: str | No
             raise RuntimeError(f"no trial of the search reported a checkpoint ({errors or 'no errors recorded'})")
         best = min(finished, key=lambda r: min(_score(m) for _, m in r.best_checkpoints))
         checkpoint, metrics = min(best.best_checkpoints, key=lambda cm: _score(cm[1]))
-        comparison = _compare_best(space, folder, best.config, Path(checkpoint.path), len(results), show_progress)
-    outcome = SearchOutcome(folder, results, folder / "best" / "checkpoints" / "best", float(metrics[METRIC]),
-                            comparison)
-    if parent:
-        _track_outcome(space, parent, outcome, best.metrics["trial_id"], metrics)
+        outcome = _compare_track_register(space, folder, results, best, Path(checkpoint.path), metrics, parent,
+                                          show_progress)
     return outcome
 
 
@@ -223,12 +220,12 @@ def _score(metrics: dict) -> float:
     return loss if not math.isnan(loss) else math.inf
 
 
-def _compare_best(space: SearchSpace, folder: Path, sample: dict, checkpoint: Path, trials: int,
-                  show_progress: bool) -> str:
-    """The best trial's optimizer (and the default architecture, meta-trained on the same budget)
-    against the tuned baselines on the held-out optimizees, as a table; ``folder/best`` holds it for
-    registration."""
-    config = space.trial_config(sample)
+def _compare_track_register(space: SearchSpace, folder: Path, results: pd.DataFrame, best, checkpoint: Path,
+                            metrics: dict, parent, show_progress: bool) -> SearchOutcome:
+    """The best trial's optimizer (and the default architecture, meta-trained on the same budget) against
+    the tuned baselines on the held-out optimizees, through the one after-training pipeline: ``folder/best``
+    holds it, its trial's MLflow run gets it, and it is registered; the search's run gets the results."""
+    config = space.trial_config(best.config)
     best_dir = folder / "best"
     shutil.rmtree(best_dir, ignore_errors=True)
     shutil.copytree(checkpoint, best_dir / "checkpoints" / "best")
@@ -243,35 +240,33 @@ def _compare_best(space: SearchSpace, folder: Path, sample: dict, checkpoint: Pa
             trainer.train(show_progress=show_progress)
         default, default_params, _ = load_checkpoint(trainer.best_checkpoint)
         leading.append(Candidate(f"{kind} (default architecture)", lambda lr: default, meta_params=default_params))
-    title = (f"{config.task.kind}: best of {trials} trials vs the default architecture and hand-designed, "
+    title = (f"{config.task.kind}: best of {len(results)} trials vs the default architecture and hand-designed, "
              f"{config.evaluate.runs} held-out runs")
-    _, table = run_evaluation(config, best_dir / "evaluation", show_progress, leading, title)
-    return table
+    heldout, trial_id = float(metrics[METRIC]), best.metrics["trial_id"]
+    trial = None
+    if parent:
+        from metaopt.tracking import RunTracker
 
-
-def _track_outcome(space: SearchSpace, parent, outcome: SearchOutcome, trial_id: str, metrics: dict) -> None:
-    """Results and comparison on the search's run; the best optimizer on its trial's run, registered."""
-    from metaopt.tracking import RunTracker
-    from metaopt.tracking.registry import register_run
-
-    folder = outcome.folder
-    for name in (RESULTS, "results.md", "search.yaml"):
-        parent.log_artifacts_file(folder / name)
-    parent.log_artifacts(folder / "best" / "evaluation", "evaluation")
-    parent.log_metrics(0, {f"best_{METRIC}": outcome.best_heldout})
-    parent.set_tags({"metaopt.tune.best_trial": trial_id})
-    trial = RunTracker(folder / "mlflow_trials" / trial_id, start=False)
-    trial.log_artifacts(folder / "best" / "checkpoints" / "best", "checkpoints/best")
-    trial.log_artifacts(folder / "best" / "evaluation", "evaluation")
-    trial.log_artifacts_file(folder / "best" / "config.yaml")
-    parent.finish()
-    outcome.parent_run_id = parent.run_id
-    name = space.spec.search.register_as
-    if name and not (parent.buffered or trial.buffered):
-        outcome.registered_version = register_run(
-            trial.run_id, name, space.spec.search.alias, tracking_uri=trial.tracking_uri, run_dir=folder / "best",
-            task=space.config.task.kind, heldout_loss=outcome.best_heldout, tune_search=parent.run_id,
-            meta_step=int(metrics["meta_step"]))
+        trial = RunTracker(folder / "mlflow_trials" / trial_id, start=False)
+    search = space.spec.search
+    finished = compare_track_register(
+        config, best_dir, leading, title, trial, (search.register_as, search.alias) if search.register_as else None,
+        tags={"task": config.task.kind, "heldout_loss": heldout, "tune_search": parent.run_id if parent else None,
+              "meta_step": int(metrics["meta_step"])}, show_progress=show_progress)
+    if finished.register_error:
+        raise RuntimeError(f"registering {search.register_as} failed ({finished.register_error}); the search's "
+                           f"best optimizer is in {best_dir}")
+    outcome = SearchOutcome(folder, results, best_dir / "checkpoints" / "best", heldout, finished.table,
+                            registered_version=finished.registered_version)
+    if parent:
+        for name in (RESULTS, "results.md", "search.yaml"):
+            parent.log_artifacts_file(folder / name)
+        parent.log_artifacts(best_dir / "evaluation", "evaluation")
+        parent.log_metrics(0, {f"best_{METRIC}": heldout})
+        parent.set_tags({"metaopt.tune.best_trial": trial_id})
+        parent.finish()
+        outcome.parent_run_id = parent.run_id
+    return outcome
 
 
 def results_table(grid, space: SearchSpace) -> pd.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -11,21 +10,11 @@ from typing import Any
 import torch
 from ray import tune
 
-from metaopt.config import Config
 from metaopt.meta import MetaTrainer
+from metaopt.pipeline import gradient_source
 from metaopt.tune.space import METRIC, SearchSpace
 
 REPORTED = ("meta_loss", "grad_norm", "optimizee_steps_per_s", "skipped_nonfinite")
-
-
-def gradient_source(config: Config):
-    """RolloutWorkers for a config with a ``distributed`` section (inside a trial they land in the
-    trial's placement group), else the in-process estimator."""
-    if config.distributed is None:
-        return contextlib.nullcontext(None)
-    from metaopt.distributed import ray_workers
-
-    return ray_workers(config)
 
 
 def meta_train_trial(sample: dict[str, Any], space: SearchSpace) -> None:
