@@ -42,9 +42,13 @@ def time_meta_steps(trainer: MetaTrainer, meta_steps: int, label: str) -> dict:
         overheads.append(trainer.meta_gradient_step().get("ray_overhead_fraction", float("nan")))
     seconds = time.perf_counter() - started
     optimizee_steps = meta_steps * trainer.config.train.unroll * trainer.config.train.batch_size
-    return {"setting": label, "meta_steps_per_s": meta_steps / seconds,
-            "optimizee_steps_per_s": optimizee_steps / seconds, "seconds": seconds,
-            "ray_overhead_fraction": statistics.fmean(overheads)}
+    return {
+        "setting": label,
+        "meta_steps_per_s": meta_steps / seconds,
+        "optimizee_steps_per_s": optimizee_steps / seconds,
+        "seconds": seconds,
+        "ray_overhead_fraction": statistics.fmean(overheads),
+    }
 
 
 def _percent(fraction: float) -> str:
@@ -74,8 +78,9 @@ def main() -> None:
         rows.append(time_meta_steps(MetaTrainer(single, scratch), args.meta_steps, "single process"))
         for workers in args.workers:
             num_cpus = min(args.cpus_per_worker, cpus / workers)
-            config = load_config(args.config, args.set + [f"distributed.workers={workers}",
-                                                          f"distributed.num_cpus={num_cpus:g}"])
+            config = load_config(
+                args.config, args.set + [f"distributed.workers={workers}", f"distributed.num_cpus={num_cpus:g}"]
+            )
             with ray_workers(config) as group:
                 trainer = MetaTrainer(config, scratch, gradient_source=group)
                 rows.append(time_meta_steps(trainer, args.meta_steps, f"ray, {workers} worker(s)"))
@@ -89,20 +94,40 @@ def main() -> None:
         row["speedup_vs_single_process"] = row["optimizee_steps_per_s"] / reference
         row["speedup_vs_one_worker"] = row["optimizee_steps_per_s"] / one_worker if one_worker else float("nan")
     train = base.train
-    header = (f"{base.optimizer.kind} on {base.task.kind}, batch {train.batch_size}, unroll {train.unroll}, "
-              f"estimator {train.estimator.kind}{' (second order)' if train.estimator.second_order else ''}; "
-              f"{args.meta_steps} meta-steps; {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
-    lines = [header, "", "| setting | optimizee steps/s | meta-steps/s | vs single process | vs 1 worker | ray overhead |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['optimizee_steps_per_s']:.0f} | {r['meta_steps_per_s']:.2f} | "
-              f"{r['speedup_vs_single_process']:.2f}× | {r['speedup_vs_one_worker']:.2f}× | "
-              f"{_percent(r['ray_overhead_fraction'])} |" for r in rows]
+    header = (
+        f"{base.optimizer.kind} on {base.task.kind}, batch {train.batch_size}, unroll {train.unroll}, "
+        f"estimator {train.estimator.kind}{' (second order)' if train.estimator.second_order else ''}; "
+        f"{args.meta_steps} meta-steps; {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}"
+    )
+    lines = [
+        header,
+        "",
+        "| setting | optimizee steps/s | meta-steps/s | vs single process | vs 1 worker | ray overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['setting']} | {r['optimizee_steps_per_s']:.0f} | {r['meta_steps_per_s']:.2f} | "
+        f"{r['speedup_vs_single_process']:.2f}× | {r['speedup_vs_one_worker']:.2f}× | "
+        f"{_percent(r['ray_overhead_fraction'])} |"
+        for r in rows
+    ]
     print("\n".join(lines))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"config": args.config, "overrides": args.set, "machine": platform.platform(),
-                                  "cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-                                  "rows": rows}, indent=2))
+    output.write_text(
+        json.dumps(
+            {
+                "config": args.config,
+                "overrides": args.set,
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {output}")
 
 

@@ -19,8 +19,10 @@ from metaopt.cli import add_train_options, run
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """This script's arguments, parsed as ``metaopt train CONFIG --address auto --no-progress ...`` would be."""
-    parser = argparse.ArgumentParser(description="Meta-train on a Ray cluster: `metaopt train` as a Ray job, "
-                                     "with --address auto (the job's cluster) and no progress bars.")
+    parser = argparse.ArgumentParser(
+        description="Meta-train on a Ray cluster: `metaopt train` as a Ray job, "
+        "with --address auto (the job's cluster) and no progress bars."
+    )
     parser.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/train_quadratic_phnn.yaml")
     add_train_options(parser)
     parser.set_defaults(address="auto", no_progress=True)

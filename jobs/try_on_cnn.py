@@ -25,8 +25,15 @@ from metaopt.tasks.data import mnist_half
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 10),
     )
 
 
@@ -46,13 +53,19 @@ def train(name: str, make_optimizer, data, steps: int, batch_size: int) -> dict:
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
     tail = losses[-20:]
-    return {"optimizer": name, "final_train_loss": sum(tail) / len(tail), "test_accuracy": accuracy,
-            "first_loss": losses[0]}
+    return {
+        "optimizer": name,
+        "final_train_loss": sum(tail) / len(tail),
+        "test_accuracy": accuracy,
+        "first_loss": losses[0],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a folder")
+    parser.add_argument(
+        "--optimizer", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a folder"
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--split", default="train", choices=["train", "test"])
@@ -66,14 +79,23 @@ def main() -> None:
     train_half = mnist_half(args.data_root, args.split, args.download, "meta_train")
     test_half = mnist_half(args.data_root, args.split, args.download, "meta_test")
     data = (train_half, test_half)
-    rows = [train(f"learned ({args.optimizer})",
-                  lambda p: metaopt.load_optimizer(args.optimizer, p, tracking_uri=args.tracking_uri),
-                  data, args.steps, args.batch_size)]
+    rows = [
+        train(
+            f"learned ({args.optimizer})",
+            lambda p: metaopt.load_optimizer(args.optimizer, p, tracking_uri=args.tracking_uri),
+            data,
+            args.steps,
+            args.batch_size,
+        )
+    ]
     for lr in args.adam_lrs:
-        rows.append(train(f"adam ({lr:g})", lambda p, lr=lr: torch.optim.Adam(p, lr=lr), data, args.steps,
-                          args.batch_size))
-    print(f"small CNN on MNIST ({args.split} split, {len(train_half[1])} training images), batch "
-          f"{args.batch_size}, {args.steps} steps; train loss = mean of the last 20 steps")
+        rows.append(
+            train(f"adam ({lr:g})", lambda p, lr=lr: torch.optim.Adam(p, lr=lr), data, args.steps, args.batch_size)
+        )
+    print(
+        f"small CNN on MNIST ({args.split} split, {len(train_half[1])} training images), batch "
+        f"{args.batch_size}, {args.steps} steps; train loss = mean of the last 20 steps"
+    )
     print("\n| optimizer | train loss | test-half accuracy |\n|---|---|---|")
     for row in rows:
         print(f"| {row['optimizer']} | {row['final_train_loss']:.4f} | {row['test_accuracy']:.3f} |")

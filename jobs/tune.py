@@ -18,8 +18,10 @@ from metaopt.cli import add_tune_options, run
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """This script's arguments, parsed as ``metaopt tune CONFIG --address auto --no-progress ...`` would be."""
-    parser = argparse.ArgumentParser(description="Architecture search on a Ray cluster: `metaopt tune` as a Ray job, "
-                                     "with --address auto (the job's cluster) and no progress bars.")
+    parser = argparse.ArgumentParser(
+        description="Architecture search on a Ray cluster: `metaopt tune` as a Ray job, "
+        "with --address auto (the job's cluster) and no progress bars."
+    )
     parser.add_argument("--config", required=True, help="search YAML, e.g. jobs/configs/tune_quadratic_phnn.yaml")
     add_tune_options(parser)
     parser.set_defaults(address="auto", no_progress=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from metaopt.meta.checkpoint import load_checkpoint
 from metaopt.optimizers.torch_optim import LearnedOptimizer

@@ -52,14 +52,20 @@ def _train(args: argparse.Namespace) -> int:
         if args.resume:
             trainer.resume(Path(args.resume))
             print(f"metaopt train: resuming {run_dir} at meta-step {trainer.meta_step}")
-        where = (f"on Ray with {config.distributed.workers} {config.distributed.mode} worker(s)"
-                 if source else "in this process")
-        print(f"metaopt train: {config.optimizer.kind} ({trainer.optimizer.num_meta_params()} meta-parameters) "
-              f"on {config.task.kind} {where}; writing to {run_dir}")
+        where = (
+            f"on Ray with {config.distributed.workers} {config.distributed.mode} worker(s)"
+            if source
+            else "in this process"
+        )
+        print(
+            f"metaopt train: {config.optimizer.kind} ({trainer.optimizer.num_meta_params()} meta-parameters) "
+            f"on {config.task.kind} {where}; writing to {run_dir}"
+        )
         tracker = _start_tracking(config, run_dir)
         try:
-            checkpoint = trainer.train(show_progress=not args.no_progress,
-                                       on_metrics=_metrics_sink(tracker, print_validation=args.no_progress))
+            checkpoint = trainer.train(
+                show_progress=not args.no_progress, on_metrics=_metrics_sink(tracker, print_validation=args.no_progress)
+            )
         except BaseException:
             if tracker:
                 tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
@@ -67,24 +73,37 @@ def _train(args: argparse.Namespace) -> int:
     print(f"final checkpoint: {checkpoint}")
 
     _, best_params, best_spec = load_checkpoint(trainer.best_checkpoint)
-    print(f"best checkpoint: {trainer.best_checkpoint} (meta-step {best_spec['meta_step']}, "
-          f"validation loss {trainer.best_heldout:.4g})")
+    print(
+        f"best checkpoint: {trainer.best_checkpoint} (meta-step {best_spec['meta_step']}, "
+        f"validation loss {trainer.best_heldout:.4g})"
+    )
     learned = config.optimizer.kind
     on_device = lambda params: {k: v.to(trainer.device) for k, v in params.items()}  # noqa: E731
     optimizer = stretched_to(trainer.optimizer, config.evaluate.steps)
     leading = [
         Candidate(learned, lambda lr: optimizer, meta_params=on_device(best_params)),
-        Candidate(f"{learned} (untrained)", lambda lr: optimizer,
-                  meta_params=on_device(trainer.optimizer.init_meta_params(config.train.seed))),
+        Candidate(
+            f"{learned} (untrained)",
+            lambda lr: optimizer,
+            meta_params=on_device(trainer.optimizer.init_meta_params(config.train.seed)),
+        ),
     ]
-    title = (f"{config.task.kind}: {learned} (best of {trainer.meta_step} meta-steps) vs hand-designed, "
-             f"{config.evaluate.runs} held-out runs")
+    title = (
+        f"{config.task.kind}: {learned} (best of {trainer.meta_step} meta-steps) vs hand-designed, "
+        f"{config.evaluate.runs} held-out runs"
+    )
     register = (config.tracking.register_as, config.tracking.alias) if config.tracking.register_as else None
     outcome = compare_track_register(
-        config, run_dir, leading, title, tracker, register, tags={"task": config.task.kind,
-                                                                 "heldout_loss": trainer.best_heldout},
+        config,
+        run_dir,
+        leading,
+        title,
+        tracker,
+        register,
+        tags={"task": config.task.kind, "heldout_loss": trainer.best_heldout},
         artifacts=[(checkpoint, f"checkpoints/{checkpoint.name}"), (run_dir / "metrics.parquet", None)],
-        show_progress=not args.no_progress)
+        show_progress=not args.no_progress,
+    )
     print(outcome.table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
     if tracker:
@@ -103,26 +122,40 @@ def _tune(args: argparse.Namespace) -> int:
         overrides.append(f"search.register_as={args.register}")
     space = load_search(args.config, overrides)
     if space.spec.search.register_as and (args.no_tracking or not space.config.tracking.enabled):
-        raise ConfigError("registering the best optimizer needs MLflow tracking: drop --no-tracking "
-                          "(or tracking.enabled: false), or drop --register / search.register_as")
+        raise ConfigError(
+            "registering the best optimizer needs MLflow tracking: drop --no-tracking "
+            "(or tracking.enabled: false), or drop --register / search.register_as"
+        )
     if args.tracking_uri:
         space.config.tracking.uri = args.tracking_uri
     folder = Path(args.resume or args.output) if (args.resume or args.output) else None
     search = space.spec.search
-    print(f"metaopt tune: {search.samples} trial(s) of {space.config.optimizer.kind} on {space.config.task.kind}, "
-          f"{search.searcher} search, {search.scheduler} scheduling" + (f"; resuming {folder}" if args.resume else ""))
-    outcome = run_search(space, folder, address=args.address, resume=bool(args.resume),
-                         tracking=not args.no_tracking, show_progress=not args.no_progress)
+    print(
+        f"metaopt tune: {search.samples} trial(s) of {space.config.optimizer.kind} on {space.config.task.kind}, "
+        f"{search.searcher} search, {search.scheduler} scheduling" + (f"; resuming {folder}" if args.resume else "")
+    )
+    outcome = run_search(
+        space,
+        folder,
+        address=args.address,
+        resume=bool(args.resume),
+        tracking=not args.no_tracking,
+        show_progress=not args.no_progress,
+    )
     print((outcome.folder / "results.md").read_text())
     print(outcome.comparison)
-    print(f"results: {outcome.folder} (results.parquet, results.md, best/, default/, Tune's trial folders); "
-          f"resume an interrupted search with --resume {outcome.folder}")
+    print(
+        f"results: {outcome.folder} (results.parquet, results.md, best/, default/, Tune's trial folders); "
+        f"resume an interrupted search with --resume {outcome.folder}"
+    )
     if outcome.parent_run_id:
         print(f"MLflow: search run {outcome.parent_run_id} with one nested run per trial")
     if outcome.registered_version is not None:
         name, alias = search.register_as, search.alias
-        print(f"registered {name} version {outcome.registered_version} as @{alias}; "
-              f"metaopt.load_optimizer('models:/{name}@{alias}', model.parameters())")
+        print(
+            f"registered {name} version {outcome.registered_version} as @{alias}; "
+            f"metaopt.load_optimizer('models:/{name}@{alias}', model.parameters())"
+        )
     return 0
 
 
@@ -146,6 +179,7 @@ def _metrics_sink(tracker, print_validation: bool):
             tracker.log_metrics(meta_step, metrics)
         if print_validation:
             _print_validation(meta_step, metrics)
+
     return sink
 
 
@@ -155,17 +189,24 @@ def _print_tracking(tracker, config, run_dir: Path, outcome) -> None:
     name, alias = config.tracking.register_as, config.tracking.alias
     register_later = f"`metaopt registry --tracking-uri {uri} register {tracker.run_id or 'RUN_ID'} {name}`"
     if tracker.buffered:
-        print(f"MLflow at {uri} was unreachable: {tracker.buffered} write(s) wait in {run_dir}; "
-              f"deliver them with `metaopt sync {run_dir}`" + (f", then register with {register_later}" if name else ""))
+        print(
+            f"MLflow at {uri} was unreachable: {tracker.buffered} write(s) wait in {run_dir}; "
+            f"deliver them with `metaopt sync {run_dir}`" + (f", then register with {register_later}" if name else "")
+        )
         return
     print(f"MLflow run {tracker.run_id} at {uri}; open it with: mlflow ui --backend-store-uri {uri}")
     if outcome.register_error:
-        print(f"registering {name} failed ({outcome.register_error}); the run and its checkpoints are saved; "
-              f"register it later with {register_later}", file=sys.stderr)
+        print(
+            f"registering {name} failed ({outcome.register_error}); the run and its checkpoints are saved; "
+            f"register it later with {register_later}",
+            file=sys.stderr,
+        )
     elif outcome.registered_version is not None:
-        print(f"registered {name} version {outcome.registered_version} (models:/{name}@{alias}); train your own "
-              f"model with it:\n  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', "
-              "model.parameters())" + ("" if uri == default_uri else f"  # with MLFLOW_TRACKING_URI={uri}"))
+        print(
+            f"registered {name} version {outcome.registered_version} (models:/{name}@{alias}); train your own "
+            f"model with it:\n  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', "
+            "model.parameters())" + ("" if uri == default_uri else f"  # with MLFLOW_TRACKING_URI={uri}")
+        )
 
 
 def _default_uri() -> str:
@@ -185,8 +226,10 @@ def _sync(args: argparse.Namespace) -> int:
     tracker = RunTracker(run_dir, args.tracking_uri, start=False)
     left = tracker.sync()
     if left:
-        print(f"metaopt sync: {tracker.tracking_uri} is still unreachable; {left} write(s) wait in {run_dir / BUFFER}",
-              file=sys.stderr)
+        print(
+            f"metaopt sync: {tracker.tracking_uri} is still unreachable; {left} write(s) wait in {run_dir / BUFFER}",
+            file=sys.stderr,
+        )
         return 1
     print(f"metaopt sync: delivered to run {tracker.run_id} at {tracker.tracking_uri}")
     return 0
@@ -209,23 +252,30 @@ def _registry(args: argparse.Namespace) -> int:
         print("| version | aliases | task | heldout_loss | run |\n|---|---|---|---|---|")
         for row in registry.show_model(args.name, uri):
             tags = row["tags"]
-            print(f"| {row['version']} | {', '.join('@' + a for a in row['aliases'])} | {tags.get('task', '')} | "
-                  f"{tags.get('heldout_loss', '')} | {row['run_id']} |")
+            print(
+                f"| {row['version']} | {', '.join('@' + a for a in row['aliases'])} | {tags.get('task', '')} | "
+                f"{tags.get('heldout_loss', '')} | {row['run_id']} |"
+            )
     elif args.action == "promote":
         registry.promote(args.name, args.version, args.alias, uri)
         print(f"{args.name}@{args.alias} → version {args.version}")
     elif args.action == "pull":
         source = args.source if ":/" in args.source else f"models:/{args.source}"
         folder = registry.pull(source, Path(args.directory), uri)
-        print(f"pulled {source} into {folder}; load it with metaopt.load_optimizer({str(folder)!r}, model.parameters())")
+        print(
+            f"pulled {source} into {folder}; load it with metaopt.load_optimizer({str(folder)!r}, model.parameters())"
+        )
     return 0
 
 
 def _print_validation(meta_step: int, metrics: dict[str, float]) -> None:
     """Without a progress bar (e.g. in a Ray job's log), a line per validation."""
     if "heldout_loss" in metrics:
-        print(f"meta-step {meta_step}: meta-loss {metrics['meta_loss']:.4g}, validation loss "
-              f"{metrics['heldout_loss']:.4g}, {metrics['optimizee_steps_per_s']:.0f} optimizee steps/s", flush=True)
+        print(
+            f"meta-step {meta_step}: meta-loss {metrics['meta_loss']:.4g}, validation loss "
+            f"{metrics['heldout_loss']:.4g}, {metrics['optimizee_steps_per_s']:.0f} optimizee steps/s",
+            flush=True,
+        )
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -233,8 +283,13 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set evaluate.runs=10 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set evaluate.runs=10 (repeatable)",
+    )
     parser.add_argument("--output", metavar="DIR", help="output folder (default: <output_dir>/<config>-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -242,13 +297,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """``metaopt train``'s options and handler, all but CONFIG (jobs/meta_train.py takes it as --config)."""
     _add_run_options(parser)
-    parser.add_argument("--resume", metavar="PATH",
-                        help="continue a run folder (its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--address", metavar="ADDRESS",
-                        help="Ray cluster to meta-train on (default: distributed.address, RAY_ADDRESS, a running "
-                        "`ray start` cluster, else a local Ray); implies a distributed section")
-    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: tracking.uri, "
-                        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--resume", metavar="PATH", help="continue a run folder (its latest checkpoint) or a checkpoint folder"
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="Ray cluster to meta-train on (default: distributed.address, RAY_ADDRESS, a running "
+        "`ray start` cluster, else a local Ray); implies a distributed section",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     parser.add_argument("--register", metavar="NAME", help="register the best optimizer as MLflow model NAME")
     parser.add_argument("--no-tracking", action="store_true", help="do not track the run in MLflow")
     parser.set_defaults(handler=_train, command="train")
@@ -258,8 +320,11 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
     """``metaopt tune``'s options and handler, all but CONFIG (jobs/tune.py takes it as --config)."""
     _add_run_options(parser)
     parser.add_argument("--samples", type=int, metavar="N", help="trials to run (default: search.samples)")
-    parser.add_argument("--address", metavar="ADDRESS", help="Ray cluster (default: RAY_ADDRESS, a running "
-                        "`ray start` cluster, else a local Ray)")
+    parser.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="Ray cluster (default: RAY_ADDRESS, a running `ray start` cluster, else a local Ray)",
+    )
     parser.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR (Tuner.restore)")
     parser.add_argument("--register", metavar="NAME", help="register the best optimizer as NAME@candidate")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default as for train)")
@@ -275,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     evaluate = commands.add_parser(
-        "evaluate", help="run optimizers side by side on held-out optimizees and report the comparison",
+        "evaluate",
+        help="run optimizers side by side on held-out optimizees and report the comparison",
         description="Run the configured optimizers on held-out optimizees; write curves.parquet, "
         "summary.parquet, table.md and curves.png, and print the table.",
     )
@@ -284,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     train = commands.add_parser(
-        "train", help="meta-train a learned optimizer, then compare it with tuned hand-designed ones",
+        "train",
+        help="meta-train a learned optimizer, then compare it with tuned hand-designed ones",
         description="Meta-train config.optimizer on config.task (truncated unrolls, Adam meta-steps), "
         "checkpointing under the run folder; then evaluate it against config.evaluate's optimizers.",
     )
@@ -292,25 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(train)
 
     tune = commands.add_parser(
-        "tune", help="search the learned optimizer's architecture with Ray Tune; register the best",
+        "tune",
+        help="search the learned optimizer's architecture with Ray Tune; register the best",
         description="Run the search declared in CONFIG (jobs/configs/tune_*.yaml: a base training config, "
         "a space, a searcher and scheduler) on Ray; every trial meta-trains and reports its validation loss. "
         "Writes results.parquet and the best trial's comparison with the default architecture and the "
-        "hand-designed baselines; tracks the search and its trials in MLflow; registers the best.")
+        "hand-designed baselines; tracks the search and its trials in MLflow; registers the best.",
+    )
     _add_config(tune)
     add_tune_options(tune)
 
     sync = commands.add_parser(
-        "sync", help="deliver a run's MLflow writes buffered while the tracking server was unreachable",
-        description="Replay RUN_DIR/mlflow_buffer.jsonl to the run's tracking server.")
+        "sync",
+        help="deliver a run's MLflow writes buffered while the tracking server was unreachable",
+        description="Replay RUN_DIR/mlflow_buffer.jsonl to the run's tracking server.",
+    )
     sync.add_argument("run_dir", metavar="RUN_DIR")
     sync.add_argument("--tracking-uri", metavar="URI", help="deliver to this server instead of the run's own")
     sync.set_defaults(handler=_sync)
 
     registry = commands.add_parser(
-        "registry", help="register, list, show, promote and pull trained optimizers (MLflow Model Registry)",
-        description="The MLflow Model Registry of trained optimizers; aliases, not stages.")
-    registry.add_argument("--tracking-uri", metavar="URI", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+        "registry",
+        help="register, list, show, promote and pull trained optimizers (MLflow Model Registry)",
+        description="The MLflow Model Registry of trained optimizers; aliases, not stages.",
+    )
+    registry.add_argument(
+        "--tracking-uri", metavar="URI", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
     register = actions.add_parser("register", help="register a meta-training run's best optimizer")
     register.add_argument("run_id", metavar="RUN_ID")

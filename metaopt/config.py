@@ -53,7 +53,7 @@ class MnistMLPTaskConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
 
 
-TaskConfig = Annotated[Union[QuadraticTaskConfig, MnistMLPTaskConfig], Field(discriminator="kind")]
+TaskConfig = Annotated[QuadraticTaskConfig | MnistMLPTaskConfig, Field(discriminator="kind")]
 
 
 def _check_options(kind: str, options: dict[str, Any]) -> None:
@@ -62,7 +62,8 @@ def _check_options(kind: str, options: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for optimizer {kind!r}; allowed options: "
-            f"{', '.join(k for k in allowed if k != 'lr') or 'none'}" + (" (set lr with the 'lr' field)" if "lr" in allowed else "")
+            f"{', '.join(k for k in allowed if k != 'lr') or 'none'}"
+            + (" (set lr with the 'lr' field)" if "lr" in allowed else "")
         )
 
 
@@ -160,8 +161,11 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
     unroll_checkpoint_steps: int = Field(
-        0, ge=0, description="tbptt: activation checkpointing of the unroll; recompute it during the "
-        "meta-backward in chunks of this many steps (same meta-gradient, memory ~flat in unroll; 0: off)")
+        0,
+        ge=0,
+        description="tbptt: activation checkpointing of the unroll; recompute it during the "
+        "meta-backward in chunks of this many steps (same meta-gradient, memory ~flat in unroll; 0: off)",
+    )
     seed: int = Field(0, ge=0)
     eval_every: int = Field(50, ge=1)
     eval_runs: int = Field(20, ge=1)
@@ -182,19 +186,29 @@ class DistributedConfig(StrictModel):
     workers: int = Field(2, ge=1, description="RolloutWorker actors; train.batch_size is split evenly among them")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch threads)")
     num_gpus: float | Literal["auto"] = Field(
-        "auto", description="GPUs per worker; a fraction such as 0.25 lets workers share a GPU; "
-        "auto: an equal share of the cluster's GPUs (at most 1), 0 without GPUs")
+        "auto",
+        description="GPUs per worker; a fraction such as 0.25 lets workers share a GPU; "
+        "auto: an equal share of the cluster's GPUs (at most 1), 0 without GPUs",
+    )
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(2, ge=0, description="async: gradients more meta-steps old than this are dropped")
     max_restarts: int = Field(3, ge=-1, description="restarts of a dead worker (-1: unlimited)")
     restart_timeout: float = Field(
-        600.0, gt=0, description="seconds a failed worker may take to answer again before it is dropped, "
-        "e.g. when its node is gone and no other node has room for it")
+        600.0,
+        gt=0,
+        description="seconds a failed worker may take to answer again before it is dropped, "
+        "e.g. when its node is gone and no other node has room for it",
+    )
     resources: dict[str, Annotated[float, Field(ge=0.0001)]] = Field(
-        default_factory=dict, description="custom Ray resources per worker, e.g. {rollout: 1}: workers run only "
-        "on nodes started with them (ray start --resources='{\"rollout\": 4}')")
-    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, a running "
-                                "`ray start` cluster, or a local Ray started for this run")
+        default_factory=dict,
+        description="custom Ray resources per worker, e.g. {rollout: 1}: workers run only "
+        "on nodes started with them (ray start --resources='{\"rollout\": 4}')",
+    )
+    address: str | None = Field(
+        None,
+        description="Ray cluster address; default RAY_ADDRESS, a running "
+        "`ray start` cluster, or a local Ray started for this run",
+    )
 
     @field_validator("num_gpus")
     @classmethod
@@ -217,12 +231,16 @@ class TrackingConfig(StrictModel):
     """MLflow tracking of ``metaopt train`` (by the driver only) and registration of its optimizer."""
 
     enabled: bool = True
-    uri: str | None = Field(None, description="tracking URI; default MLFLOW_TRACKING_URI, else MLflow's "
-                            "local default (sqlite:///mlflow.db, artifacts in ./mlruns)")
+    uri: str | None = Field(
+        None,
+        description="tracking URI; default MLFLOW_TRACKING_URI, else MLflow's "
+        "local default (sqlite:///mlflow.db, artifacts in ./mlruns)",
+    )
     experiment: str = "metaopt"
     register_as: str | None = Field(None, description="register the best optimizer under this model name")
-    alias: str = Field("latest", description="alias of the registered version (latest: MLflow's reserved "
-                       "alias for the newest version)")
+    alias: str = Field(
+        "latest", description="alias of the registered version (latest: MLflow's reserved alias for the newest version)"
+    )
 
 
 class EvaluateConfig(StrictModel):
@@ -261,15 +279,18 @@ class Config(StrictModel):
         if self.distributed and self.train and self.train.batch_size % self.distributed.workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
-                f"({self.distributed.workers}) so every worker gets an equal share of the optimizees")
+                f"({self.distributed.workers}) so every worker gets an equal share of the optimizees"
+            )
         return self
 
     @model_validator(mode="after")
     def _schedule_spans_an_episode(self) -> Config:
         horizon = self.optimizer.options.get("horizon") if self.optimizer else None
         if horizon is not None and self.train and horizon != self.train.episode_length:
-            raise ValueError(f"optimizer.options.horizon ({horizon}) must equal train.episode_length "
-                             f"({self.train.episode_length}): the learned step schedule spans one optimizee run")
+            raise ValueError(
+                f"optimizer.options.horizon ({horizon}) must equal train.episode_length "
+                f"({self.train.episode_length}): the learned step schedule spans one optimizee run"
+            )
         return self
 
     def require(self, *sections: str) -> None:
@@ -318,8 +339,10 @@ def set_path(data: dict, key: str, value: Any) -> None:
 def _index(node: list, part: str, key: str) -> int:
     """A list index; ``len(node)`` appends a new item."""
     if not part.isdigit() or int(part) > len(node):
-        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)} items "
-                          f"(0-{len(node) - 1}, or {len(node)} to append)")
+        raise ConfigError(
+            f"--set {key}: {part!r} is not an index of a list of {len(node)} items "
+            f"(0-{len(node) - 1}, or {len(node)} to append)"
+        )
     if int(part) == len(node):
         node.append({})
     return int(part)

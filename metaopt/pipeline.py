@@ -4,16 +4,18 @@ meta-gradients come from, then, after training, compare -> track -> register."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Sequence
+from typing import Any
 
 from metaopt.config import Config
 from metaopt.evaluate import Candidate, run_evaluation
 from metaopt.meta.trainer import BEST
 
 
-def gradient_source(config: Config, address: str | None = None) -> ContextManager:
+def gradient_source(config: Config, address: str | None = None) -> AbstractContextManager:
     """Ray RolloutWorkers on the cluster at ``address`` for a config with a ``distributed`` section (inside a
     Tune trial they land in the trial's placement group), else None: the in-process estimator."""
     if config.distributed is None:
@@ -32,9 +34,17 @@ class Outcome:
     register_error: str | None = None  # why registering failed; the run and its checkpoints are saved either way
 
 
-def compare_track_register(config: Config, run_dir: Path, leading: Sequence[Candidate], title: str, tracker=None,
-                           register: tuple[str, str] | None = None, tags: dict[str, Any] | None = None,
-                           artifacts: Sequence[tuple[Path, str | None]] = (), show_progress: bool = True) -> Outcome:
+def compare_track_register(
+    config: Config,
+    run_dir: Path,
+    leading: Sequence[Candidate],
+    title: str,
+    tracker=None,
+    register: tuple[str, str] | None = None,
+    tags: dict[str, Any] | None = None,
+    artifacts: Sequence[tuple[Path, str | None]] = (),
+    show_progress: bool = True,
+) -> Outcome:
     """Compare ``leading`` (the trained optimizer first) with ``config.evaluate``'s optimizers on the held-out
     optimizees, writing ``run_dir/evaluation``. With a ``tracker`` (a ``RunTracker``), log ``run_dir``'s best
     checkpoint, evaluation and ``config.yaml``, and ``artifacts`` (path, artifact path), to its MLflow run, end
@@ -44,8 +54,12 @@ def compare_track_register(config: Config, run_dir: Path, leading: Sequence[Cand
     outcome = Outcome(table)
     if tracker is None:
         return outcome
-    for path, artifact_path in ((run_dir / "checkpoints" / BEST, f"checkpoints/{BEST}"),
-                                (run_dir / "evaluation", "evaluation"), (run_dir / "config.yaml", None), *artifacts):
+    for path, artifact_path in (
+        (run_dir / "checkpoints" / BEST, f"checkpoints/{BEST}"),
+        (run_dir / "evaluation", "evaluation"),
+        (run_dir / "config.yaml", None),
+        *artifacts,
+    ):
         if path.is_dir():
             tracker.log_artifacts(path, artifact_path)
         else:
@@ -57,8 +71,9 @@ def compare_track_register(config: Config, run_dir: Path, leading: Sequence[Cand
 
     name, alias = register
     try:
-        outcome.registered_version = register_run(tracker.run_id, name, alias, tracking_uri=tracker.tracking_uri,
-                                                  run_dir=run_dir, **(tags or {}))
+        outcome.registered_version = register_run(
+            tracker.run_id, name, alias, tracking_uri=tracker.tracking_uri, run_dir=run_dir, **(tags or {})
+        )
     except Exception as error:  # noqa: BLE001 - the trained optimizer is safe on disk either way
         outcome.register_error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return outcome

@@ -90,9 +90,19 @@ def ray_cluster() -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     dashboard_port = _free_port()
     command = [
-        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", "--port=0", f"--temp-dir={temp_dir}", "--num-cpus=2", "--num-gpus=0",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        "--port=0",
+        f"--temp-dir={temp_dir}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={_free_port()}",
     ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -159,21 +169,30 @@ class MlflowServer:
 
     def start(self) -> None:
         command = [
-            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes to start
         if self.password:
             config = self.root / "basic_auth.ini"
             config.write_text(  # a checked password is cached for a minute: a hash per request would be slow
                 f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
-                f"admin_username = {self.ADMIN}\nadmin_password = {self.password}\nauth_cache_ttl_seconds = 60\n")
+                f"admin_username = {self.ADMIN}\nadmin_password = {self.password}\nauth_cache_ttl_seconds = 60\n"
+            )
             command += ["--app-name", "basic-auth"]
             env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
         log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 120
         while not _answers(f"{self.uri}/health"):
             if self.process.poll() is not None or time.monotonic() > deadline:

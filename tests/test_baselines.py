@@ -11,10 +11,19 @@ CASES = [
     ("momentum", {"lr": 0.01, "momentum": 0.9}, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
     ("nesterov", {"lr": 0.01, "momentum": 0.9}, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
     ("adam", {"lr": 0.1}, torch.optim.Adam, {"lr": 0.1}),
-    ("adam", {"lr": 0.03, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6}, torch.optim.Adam,
-     {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6}),
+    (
+        "adam",
+        {"lr": 0.03, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6},
+        torch.optim.Adam,
+        {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6},
+    ),
     ("rmsprop", {"lr": 0.03}, torch.optim.RMSprop, {"lr": 0.03}),
-    ("rmsprop", {"lr": 0.01, "alpha": 0.999, "eps": 1e-6}, torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.999, "eps": 1e-6}),
+    (
+        "rmsprop",
+        {"lr": 0.01, "alpha": 0.999, "eps": 1e-6},
+        torch.optim.RMSprop,
+        {"lr": 0.01, "alpha": 0.999, "eps": 1e-6},
+    ),
 ]
 
 

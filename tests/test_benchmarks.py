@@ -60,21 +60,42 @@ def test_throughput_benchmark_writes_its_table_as_json(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    meta_train_throughput.main(["--tasks", "quadratic", "--kinds", "hnn_seed", "--meta-steps", "1",
-                                "--reference-meta-steps", "1", "--device", "cpu", "--output", str(output)])
+    meta_train_throughput.main(
+        [
+            "--tasks",
+            "quadratic",
+            "--kinds",
+            "hnn_seed",
+            "--meta-steps",
+            "1",
+            "--reference-meta-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+        ]
+    )
     saved = json.loads(output.read_text())
     assert saved["benchmark"] == "meta_train_throughput" and {"cpu_count", "torch"} <= set(saved["machine"])
     (row,) = saved["rows"]
-    assert {"ours_optimizee_steps_per_s", "ours_meta_steps_per_s", "reference_optimizee_steps_per_s",
-            "reference_meta_steps_per_s", "speedup", "gradient_max_rel_error"} <= set(row)
+    assert {
+        "ours_optimizee_steps_per_s",
+        "ours_meta_steps_per_s",
+        "reference_optimizee_steps_per_s",
+        "reference_meta_steps_per_s",
+        "speedup",
+        "gradient_max_rel_error",
+    } <= set(row)
     assert row["speedup"] > 0
     assert list(scratch.iterdir()) == []  # the trainer's scratch run folder is removed
 
 
 def test_a_float32_disagreement_is_rechecked_in_float64():
     # A tolerance float32 cannot meet: the check must fall back to float64, where both loops agree.
-    row = meta_train_throughput.run("quadratic", "phnn", CPU, meta_steps=1, reference_meta_steps=1, unroll=4,
-                                    rtol=0.0, atol_scale=0.0, batch_size=4)
+    row = meta_train_throughput.run(
+        "quadratic", "phnn", CPU, meta_steps=1, reference_meta_steps=1, unroll=4, rtol=0.0, atol_scale=0.0, batch_size=4
+    )
     assert row["gradient_max_rel_error"] > 0
     assert row["gradient_max_rel_error_float64"] < 1e-9
     assert torch.get_default_dtype() == torch.float32  # restored for the timed run and everything after
@@ -82,24 +103,58 @@ def test_a_float32_disagreement_is_rechecked_in_float64():
 
 def test_optimizer_step_benchmark_writes_its_table_as_json(tmp_path):
     output = tmp_path / "step.json"
-    optimizer_step.main(["--sizes", "10000", "--kinds", "phnn", "hnn_seed", "--compile", "--device", "cpu",
-                         "--repeats", "1", "--warmup", "1", "--output", str(output)])
+    optimizer_step.main(
+        [
+            "--sizes",
+            "10000",
+            "--kinds",
+            "phnn",
+            "hnn_seed",
+            "--compile",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--output",
+            str(output),
+        ]
+    )
     rows = json.loads(output.read_text())["rows"]
     names = {row["optimizer"] for row in rows}
     assert {"adam (foreach)", "phnn", "hnn_seed", "hnn_seed (fused)"} <= names
     phnn = next(row for row in rows if row["optimizer"] == "phnn")
     assert {"step_ms", "time_vs_adam_foreach", "state_mb", "state_vs_adam"} <= set(phnn)
-    assert phnn["state_vs_adam"] == pytest.approx(0.5, rel=1e-2)  # one momentum-like float vs Adam's two (and its step counters)
+    assert phnn["state_vs_adam"] == pytest.approx(
+        0.5, rel=1e-2
+    )  # one momentum-like float vs Adam's two (and its step counters)
 
 
 def test_memory_benchmark_measures_and_cross_checks_checkpointing(tmp_path, mnist_root):
     output = tmp_path / "memory.json"
-    rows = meta_train_memory.main(["--unrolls", "20", "--checkpoint-steps", "2", "--optimizees", "1",
-                                   "--kind", "hnn_seed", "--mnist-root", mnist_root, "--device", "cpu",
-                                   "--output", str(output)])
+    rows = meta_train_memory.main(
+        [
+            "--unrolls",
+            "20",
+            "--checkpoint-steps",
+            "2",
+            "--optimizees",
+            "1",
+            "--kind",
+            "hnn_seed",
+            "--mnist-root",
+            mnist_root,
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+        ]
+    )
     assert len(rows) == 2 and all(row["peak_above_baseline_mb"] >= 0 for row in rows)
     assert {"unroll", "checkpointing", "peak_total_mb", "vs_unroll_20", "meta_grad_norm"} <= set(
-        json.loads(output.read_text())["rows"][0])
+        json.loads(output.read_text())["rows"][0]
+    )
     tampered = [dict(row) for row in rows]
     tampered[-1]["meta_grad_norm"] *= 1.01
     with pytest.raises(AssertionError, match="checkpointing changed"):
@@ -126,13 +181,24 @@ def test_checkpointed_unroll_gives_the_same_losses_state_and_meta_gradient(kind,
 
 def test_train_config_wires_checkpointing_to_the_estimator(tmp_path):
     def config(steps):
-        return validate_config({
-            "task": {"kind": "quadratic"}, "optimizer": {"kind": "phnn"}, "device": "cpu",
-            "train": {"meta_steps": 2, "unroll": 6, "episode_length": 12, "batch_size": 4, "eval_runs": 2,
-                      "unroll_checkpoint_steps": steps}})
+        return validate_config(
+            {
+                "task": {"kind": "quadratic"},
+                "optimizer": {"kind": "phnn"},
+                "device": "cpu",
+                "train": {
+                    "meta_steps": 2,
+                    "unroll": 6,
+                    "episode_length": 12,
+                    "batch_size": 4,
+                    "eval_runs": 2,
+                    "unroll_checkpoint_steps": steps,
+                },
+            }
+        )
+
     plain, checkpointed = MetaTrainer(config(0), tmp_path / "a"), MetaTrainer(config(2), tmp_path / "b")
     assert checkpointed.estimator.checkpoint_steps == 2
     for _ in range(2):
         plain.meta_gradient_step(), checkpointed.meta_gradient_step()
     torch.testing.assert_close(flat(plain.meta_params).detach(), flat(checkpointed.meta_params).detach())
-

@@ -36,17 +36,54 @@ IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>\d)(?P<m
 
 # Fields of the KubeRay v1 types (ray-operator/apis/ray/v1/{raycluster,rayjob}_types.go): a misspelt field is
 # dropped by the API server's pruning without an error, so the manifests may use only these.
-RAYCLUSTER_SPEC_FIELDS = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
-                          "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
-                          "gcsFaultToleranceOptions", "upgradeStrategy", "authOptions"}
+RAYCLUSTER_SPEC_FIELDS = {
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "suspend",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+    "upgradeStrategy",
+    "authOptions",
+}
 HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
-WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
-                       "template", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
-RAYJOB_SPEC_FIELDS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-                      "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
-                      "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-                      "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend",
-                      "schedule"}
+WORKER_GROUP_FIELDS = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
+}
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+    "schedule",
+}
 # KubeRay's submitter runs `... ray job submit ... -- <entrypoint>` through bash with the entrypoint unquoted
 # and the runtime env as JSON inside double quotes (ray-operator/controllers/ray/common/job.go).
 SHELL_METACHARACTERS = set(";&|<>$`()\\\"'*?[]{}!#~\n")
@@ -90,8 +127,18 @@ def size_bytes(text: str) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]*)", str(text).strip())
     assert match, f"cannot parse size {text!r}"
     number, unit = float(match[1]), match[2]
-    factors = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    factors = {
+        "": 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
     assert unit in factors, f"unknown unit in {text!r}"
     return number * factors[unit]
 
@@ -149,9 +196,9 @@ def submit_commands(text: str) -> list[list[str]]:
     for line in lines:
         if "ray job submit" not in line:
             continue
-        tokens = shlex.split(line[line.index("ray job submit"):], comments=True)
+        tokens = shlex.split(line[line.index("ray job submit") :], comments=True)
         assert "--" in tokens, f"`ray job submit` without `-- ENTRYPOINT`: {line}"
-        commands.append(tokens[tokens.index("--") + 1:])
+        commands.append(tokens[tokens.index("--") + 1 :])
     return commands
 
 
@@ -245,15 +292,20 @@ def test_images_match_locked_ray_and_supported_python():
     for path, image in named:
         match = IMAGE.match(image)
         assert match, f"{path.relative_to(REPO)}: {image} is not rayproject/ray:VERSION-pyXY-gpu"
-        assert match["ray"] == ray_version, f"{path.relative_to(REPO)}: {image} has Ray {match['ray']}, uv.lock {ray_version}"
+        assert match["ray"] == ray_version, (
+            f"{path.relative_to(REPO)}: {image} has Ray {match['ray']}, uv.lock {ray_version}"
+        )
         python = f"{match['major']}.{match['minor']}"
-        assert supported.contains(python), f"{path.relative_to(REPO)}: {image} has Python {python}, pyproject wants {supported}"
+        assert supported.contains(python), (
+            f"{path.relative_to(REPO)}: {image} has Python {python}, pyproject wants {supported}"
+        )
 
 
 def test_kuberay_ray_version_is_locked_version():
     for path, spec in ((RAYCLUSTER, load(RAYCLUSTER)["spec"]), (RAYJOB, load(RAYJOB)["spec"]["rayClusterSpec"])):
-        assert spec["rayVersion"] == locked_version("ray"), \
+        assert spec["rayVersion"] == locked_version("ray"), (
             f"{path.relative_to(REPO)}: rayVersion {spec['rayVersion']}, uv.lock {locked_version('ray')}"
+        )
 
 
 # --- cluster launcher (AWS) ---------------------------------------------------------------------------------------
@@ -264,8 +316,18 @@ def test_aws_config_is_valid_for_ray_up():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = load(AWS)
-    for key in ("cluster_name", "max_workers", "provider", "available_node_types", "head_node_type", "docker",
-                "file_mounts", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "max_workers",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "docker",
+        "file_mounts",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in config, f"aws-gpu.yaml lacks {key}"
     assert config["provider"]["type"] == "aws" and config["provider"].get("region")
     assert config["head_node_type"] in config["available_node_types"]
@@ -286,8 +348,9 @@ def test_aws_installs_the_synced_checkout():
     config = load(AWS)
     synced = [remote for remote, local in config["file_mounts"].items() if (REPO / local).resolve() == REPO]
     assert synced, "file_mounts does not sync the repository root"
-    assert any("pip install" in command and synced[0].rstrip("/") in command for command in config["setup_commands"]), \
+    assert any("pip install" in command and synced[0].rstrip("/") in command for command in config["setup_commands"]), (
         f"no setup command pip-installs {synced[0]}"
+    )
     # What .gitignore lists (the 5 GB .venv, data/, runs/) must not be rsynced to every node.
     assert ".gitignore" in config.get("rsync_filter", []) and ".venv/" in (REPO / ".gitignore").read_text()
 
@@ -304,15 +367,19 @@ def test_aws_nodes_run_with_your_token():
 def test_aws_shm_holds_the_object_store():
     config = load(AWS)
     docker = config["docker"]
-    for role, commands in (("head", config["head_start_ray_commands"]), ("worker", config["worker_start_ray_commands"])):
+    for role, commands in (
+        ("head", config["head_start_ray_commands"]),
+        ("worker", config["worker_start_ray_commands"]),
+    ):
         options = " ".join(docker.get("run_options", []) + docker.get(f"{role}_run_options", []))
         shm = re.findall(r"--shm-size[= ](\S+)", options)
         assert shm, f"no --shm-size in the {role}'s docker run options"
         starts = [c for c in commands if "ray start" in c]
         assert starts, f"no `ray start` in {role}_start_ray_commands"
         for command in starts:
-            assert docker_size(shm[-1]) >= object_store_memory(command), \
+            assert docker_size(shm[-1]) >= object_store_memory(command), (
                 f"{role}: /dev/shm {shm[-1]} is smaller than the object store of `{command}`"
+            )
 
 
 # --- KubeRay --------------------------------------------------------------------------------------------------------
@@ -403,8 +470,9 @@ def test_rayjob_runtime_env_installs_metaopt_from_its_working_dir():
     RuntimeEnv(**env)  # Ray's own validation of every field
     assert not {"$", "`"} & set(json.dumps(env)), "the runtime env JSON would be expanded by the submitter's bash"
     working_dir = env["working_dir"]
-    assert re.match(r"^(https|s3|gs)://.+\.zip$", working_dir), \
+    assert re.match(r"^(https|s3|gs)://.+\.zip$", working_dir), (
         f"a RayJob cannot upload a local folder; working_dir must be a remote zip, not {working_dir!r}"
+    )
     installs = [Requirement(p) for p in env["pip"]]
     ours = [r for r in installs if r.name == pyproject()["name"]]
     assert ours, f"runtime env pip does not install {pyproject()['name']}"
@@ -428,8 +496,9 @@ def test_local_sh_is_strict_and_never_stops_by_name():
 
 
 def test_local_sh_rejects_unknown_command(tmp_path):
-    result = subprocess.run([str(LOCAL_SH), "restart"], capture_output=True, text=True,
-                            env={**os.environ, "METAOPT_RAY_DIR": str(tmp_path)})
+    result = subprocess.run(
+        [str(LOCAL_SH), "restart"], capture_output=True, text=True, env={**os.environ, "METAOPT_RAY_DIR": str(tmp_path)}
+    )
     assert result.returncode == 2 and "usage" in result.stderr
 
 
@@ -466,8 +535,12 @@ def stub_ray(tmp_path: Path) -> dict[str, str]:
     stub = tmp_path / "ray"
     stub.write_text(STUB_RAY.format(python=sys.executable))
     stub.chmod(0o755)
-    return {"RAY": str(stub), "RAY_DASHBOARD_PORT": str(_free_port()), "METAOPT_RAY_DIR": str(tmp_path / "state"),
-            "STUB_RECORD": str(tmp_path / "record.json")}
+    return {
+        "RAY": str(stub),
+        "RAY_DASHBOARD_PORT": str(_free_port()),
+        "METAOPT_RAY_DIR": str(tmp_path / "state"),
+        "STUB_RECORD": str(tmp_path / "record.json"),
+    }
 
 
 def exports(stdout: str) -> dict[str, str]:
@@ -479,8 +552,13 @@ def test_local_sh_starts_head_and_stops_only_its_process_group(tmp_path):
     env = {**os.environ, **stub_ray(tmp_path)}
     record, port = Path(env["STUB_RECORD"]), env["RAY_DASHBOARD_PORT"]
     # A bystander that looks like a Ray head by name: stopping by name would hit it, stopping by PID must not.
-    decoy = subprocess.Popen(["bash", "-c", 'exec -a "ray start --head --block decoy" sleep 300'], start_new_session=True)
-    run = lambda *args: subprocess.run([str(LOCAL_SH), *args], capture_output=True, text=True, env=env, timeout=60)
+    decoy = subprocess.Popen(
+        ["bash", "-c", 'exec -a "ray start --head --block decoy" sleep 300'], start_new_session=True
+    )
+
+    def run(*args):
+        return subprocess.run([str(LOCAL_SH), *args], capture_output=True, text=True, env=env, timeout=60)
+
     started = None
     try:
         result = run("start", "--num-cpus=2")
@@ -488,8 +566,12 @@ def test_local_sh_starts_head_and_stops_only_its_process_group(tmp_path):
         started = json.loads(record.read_text())
         args = started["args"]
         assert args[:3] == ["start", "--head", "--block"], args
-        for expected in ("--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-                         "--num-cpus=2"):
+        for expected in (
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={port}",
+            "--num-cpus=2",
+        ):
             assert expected in args, f"ray start lacks {expected}: {args}"
         assert started["pgid"] == started["pid"], "the head does not lead its own process group"
         assert (tmp_path / "state" / "head.pid").read_text().strip() == str(started["pid"])
@@ -532,9 +614,15 @@ def test_local_sh_decides_authentication(tmp_path, case):
     home, path = tmp_path / "home", tmp_path / "secrets" / "ray-token"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
     env |= stub_ray(tmp_path) | {"HOME": str(home)}
-    env |= {"token path": {"RAY_AUTH_TOKEN_PATH": str(path)}, "disabled": {"RAY_AUTH_MODE": "disabled"},
-            "unknown mode": {"RAY_AUTH_MODE": "tokens"}}.get(case, {})
-    run = lambda command: subprocess.run([str(LOCAL_SH), command], capture_output=True, text=True, env=env, timeout=60)
+    env |= {
+        "token path": {"RAY_AUTH_TOKEN_PATH": str(path)},
+        "disabled": {"RAY_AUTH_MODE": "disabled"},
+        "unknown mode": {"RAY_AUTH_MODE": "tokens"},
+    }.get(case, {})
+
+    def run(command):
+        return subprocess.run([str(LOCAL_SH), command], capture_output=True, text=True, env=env, timeout=60)
+
     started = run("start")
     try:
         if case == "unknown mode":
@@ -565,10 +653,20 @@ def test_local_sh_decides_authentication(tmp_path, case):
 
 def test_readme_covers_start_follow_stop_for_each_way():
     text = README.read_text()
-    for needed in ("cluster/local.sh stop", "ray up cluster/aws-gpu.yaml", "ray dashboard cluster/aws-gpu.yaml",
-                   "ray down cluster/aws-gpu.yaml", "helm install", "kubectl apply -f cluster/kuberay/raycluster.yaml",
-                   "kubectl apply -f cluster/kuberay/rayjob.yaml", "ray job logs", "--follow", "ray job stop",
-                   "kubectl logs", "kubectl delete"):
+    for needed in (
+        "cluster/local.sh stop",
+        "ray up cluster/aws-gpu.yaml",
+        "ray dashboard cluster/aws-gpu.yaml",
+        "ray down cluster/aws-gpu.yaml",
+        "helm install",
+        "kubectl apply -f cluster/kuberay/raycluster.yaml",
+        "kubectl apply -f cluster/kuberay/rayjob.yaml",
+        "ray job logs",
+        "--follow",
+        "ray job stop",
+        "kubectl logs",
+        "kubectl delete",
+    ):
         assert needed in text, f"cluster/README.md does not mention `{needed}`"
     for path in re.findall(r"\bcluster/[\w./-]+\.(?:sh|yaml)\b", text):
         assert (REPO / path).is_file(), f"cluster/README.md names {path}, which does not exist"
@@ -588,7 +686,10 @@ def test_readme_clients_send_the_token():
 def test_readme_jobs_are_valid_and_fit_their_clusters():
     """Every `ray job submit` in cluster/README.md runs jobs/meta_train.py with a config that loads, and the
     cloud/Kubernetes ones fit the resources their cluster has at start (the learner refuses otherwise)."""
-    capacity = {"Cloud": lambda: aws_capacity(load(AWS)), "Kubernetes": lambda: kuberay_capacity(load(RAYCLUSTER)["spec"])}
+    capacity = {
+        "Cloud": lambda: aws_capacity(load(AWS)),
+        "Kubernetes": lambda: kuberay_capacity(load(RAYCLUSTER)["spec"]),
+    }
     checked = set()
     for title, body in readme_sections().items():
         code = "\n".join(re.findall(r"^```(?:bash|sh)\n(.*?)^```", body, re.S | re.M))

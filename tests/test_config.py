@@ -20,37 +20,78 @@ def config_with(change):
 
 
 BAD = [
-    ("unknown key", lambda d: d["evaluate"].update(stpes=3),
-     r"evaluate\.stpes: unknown field; allowed fields here: steps, runs, seed"),
-    ("unknown nested key", lambda d: d["task"].update(hidden=3),
-     r"task\.hidden: unknown field; allowed fields here: kind, activation, hidden_sizes"),
+    (
+        "unknown key",
+        lambda d: d["evaluate"].update(stpes=3),
+        r"evaluate\.stpes: unknown field; allowed fields here: steps, runs, seed",
+    ),
+    (
+        "unknown nested key",
+        lambda d: d["task"].update(hidden=3),
+        r"task\.hidden: unknown field; allowed fields here: kind, activation, hidden_sizes",
+    ),
     ("wrong type", lambda d: d["evaluate"].update(steps="many"), r"evaluate\.steps: Input should be a valid integer"),
-    ("out of range", lambda d: d["evaluate"].update(runs=0), r"evaluate\.runs: Input should be greater than or equal to 1"),
-    ("bad choice", lambda d: d["task"].update(activation="softmax"),
-     r"task\.activation: Input should be 'sigmoid', 'relu' or 'tanh' \(got 'softmax'\)"),
+    (
+        "out of range",
+        lambda d: d["evaluate"].update(runs=0),
+        r"evaluate\.runs: Input should be greater than or equal to 1",
+    ),
+    (
+        "bad choice",
+        lambda d: d["task"].update(activation="softmax"),
+        r"task\.activation: Input should be 'sigmoid', 'relu' or 'tanh' \(got 'softmax'\)",
+    ),
     ("bad task kind", lambda d: d["task"].update(kind="cubic"), r"task: .*'cubic'.*'quadratic', 'mnist_mlp'"),
-    ("bad optimizer", lambda d: d["evaluate"]["optimizers"][1].update(kind="adamw"),
-     r"evaluate\.optimizers\[1\]\.kind: unknown optimizer 'adamw'; allowed: adam, "),
-    ("negative lr", lambda d: d["evaluate"]["optimizers"][0].update(lr=-0.1),
-     r"evaluate\.optimizers\[0\]\.lr: Input should be greater than 0"),
-    ("bad option", lambda d: d["evaluate"]["optimizers"][0].update(options={"betas": [0.9, 0.99]}),
-     r"evaluate\.optimizers\[0\]: unknown option\(s\) betas for optimizer 'adam'; allowed options: beta1, beta2, eps"),
+    (
+        "bad optimizer",
+        lambda d: d["evaluate"]["optimizers"][1].update(kind="adamw"),
+        r"evaluate\.optimizers\[1\]\.kind: unknown optimizer 'adamw'; allowed: adam, ",
+    ),
+    (
+        "negative lr",
+        lambda d: d["evaluate"]["optimizers"][0].update(lr=-0.1),
+        r"evaluate\.optimizers\[0\]\.lr: Input should be greater than 0",
+    ),
+    (
+        "bad option",
+        lambda d: d["evaluate"]["optimizers"][0].update(options={"betas": [0.9, 0.99]}),
+        r"evaluate\.optimizers\[0\]: unknown option\(s\) betas for optimizer 'adam'; "
+        r"allowed options: beta1, beta2, eps",
+    ),
     ("lr and sweep", lambda d: d["evaluate"]["optimizers"][0].update(lr_sweep=[0.1]), r"either lr or lr_sweep"),
     ("duplicate names", lambda d: d["evaluate"]["optimizers"][1].update(kind="adam"), r"names must be unique.*adam"),
     ("missing section", lambda d: d.pop("task"), r"task: required field is missing"),
-    ("bad split", lambda d: d["task"].update(data={"split": "validation"}), r"task\.data\.split: Input should be 'train' or 'test'"),
+    (
+        "bad split",
+        lambda d: d["task"].update(data={"split": "validation"}),
+        r"task\.data\.split: Input should be 'train' or 'test'",
+    ),
     ("bad device", lambda d: d.update(device="tpu"), r"device: unknown device 'tpu'; allowed: auto, cpu, cuda"),
-    ("schedule off the episode", lambda d: d.update(optimizer={"kind": "phnn", "options": {"horizon": 50}},
-                                                    train={"episode_length": 100}),
-     r"optimizer\.options\.horizon \(50\) must equal train\.episode_length \(100\)"),
-    ("CPUs as a custom resource", lambda d: d.update(distributed={"resources": {"CPU": 1}}),
-     r"distributed\.resources: set CPUs and GPUs with num_cpus and num_gpus, not in resources"),
-    ("unnamed resource", lambda d: d.update(distributed={"resources": {"": 1}}),
-     r"distributed\.resources: a resource name must not be empty"),
-    ("finer than Ray's resources", lambda d: d.update(distributed={"resources": {"rollout": 0.00001}}),
-     r"distributed\.resources\.rollout: Input should be greater than or equal to 0\.0001"),
-    ("no restart wait", lambda d: d.update(distributed={"restart_timeout": 0}),
-     r"distributed\.restart_timeout: Input should be greater than 0"),
+    (
+        "schedule off the episode",
+        lambda d: d.update(optimizer={"kind": "phnn", "options": {"horizon": 50}}, train={"episode_length": 100}),
+        r"optimizer\.options\.horizon \(50\) must equal train\.episode_length \(100\)",
+    ),
+    (
+        "CPUs as a custom resource",
+        lambda d: d.update(distributed={"resources": {"CPU": 1}}),
+        r"distributed\.resources: set CPUs and GPUs with num_cpus and num_gpus, not in resources",
+    ),
+    (
+        "unnamed resource",
+        lambda d: d.update(distributed={"resources": {"": 1}}),
+        r"distributed\.resources: a resource name must not be empty",
+    ),
+    (
+        "finer than Ray's resources",
+        lambda d: d.update(distributed={"resources": {"rollout": 0.00001}}),
+        r"distributed\.resources\.rollout: Input should be greater than or equal to 0\.0001",
+    ),
+    (
+        "no restart wait",
+        lambda d: d.update(distributed={"restart_timeout": 0}),
+        r"distributed\.restart_timeout: Input should be greater than 0",
+    ),
 ]
 
 
@@ -72,8 +113,16 @@ def test_valid_config_gets_defaults():
 def test_overrides_set_nested_values_and_list_items(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(VALID))
-    config = load_config(path, ["evaluate.runs=7", "task.data.split=test", "evaluate.optimizers.0.lr=0.5",
-                                "task.hidden_sizes=[8, 4]", "evaluate.optimizers.2={kind: rmsprop, lr: 0.01}"])
+    config = load_config(
+        path,
+        [
+            "evaluate.runs=7",
+            "task.data.split=test",
+            "evaluate.optimizers.0.lr=0.5",
+            "task.hidden_sizes=[8, 4]",
+            "evaluate.optimizers.2={kind: rmsprop, lr: 0.01}",
+        ],
+    )
     assert [o.name for o in config.evaluate.optimizers] == ["adam", "sgd", "rmsprop"]
     assert config.evaluate.runs == 7 and config.task.data.split == "test"
     assert config.evaluate.optimizers[0].lr == 0.5 and config.task.hidden_sizes == [8, 4]
@@ -81,10 +130,13 @@ def test_overrides_set_nested_values_and_list_items(tmp_path):
         load_config(path, ["evaluate.runs=-1"])
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("evaluate.runs", r"--set expects KEY=VALUE"),
-    ("evaluate.optimizers.5.lr=1", r"'5' is not an index of a list of 2 items \(0-1, or 2 to append\)"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("evaluate.runs", r"--set expects KEY=VALUE"),
+        ("evaluate.optimizers.5.lr=1", r"'5' is not an index of a list of 2 items \(0-1, or 2 to append\)"),
+    ],
+)
 def test_malformed_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(copy.deepcopy(VALID), [override])

@@ -18,18 +18,31 @@ from metaopt.distributed import flatten, ray_workers, unflatten
 from metaopt.meta import MetaTrainer, load_checkpoint
 from metaopt.optimizers import make_optimizer
 
+pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(distributed: dict | None = None, task: dict | None = None, **train):
-    return validate_config({
-        "task": task or {"kind": "quadratic", "dim": 10},
-        "optimizer": {"kind": "phnn"},
-        "train": {"meta_steps": 4, "unroll": 5, "episode_length": 10, "batch_size": 4, "eval_every": 2,
-                  "eval_runs": 4, "checkpoint_every": 2, "estimator": {"second_order": True}, **train},
-        "distributed": {"workers": 1, **(distributed or {})},
-        "device": "cpu",
-    })
+    return validate_config(
+        {
+            "task": task or {"kind": "quadratic", "dim": 10},
+            "optimizer": {"kind": "phnn"},
+            "train": {
+                "meta_steps": 4,
+                "unroll": 5,
+                "episode_length": 10,
+                "batch_size": 4,
+                "eval_every": 2,
+                "eval_runs": 4,
+                "checkpoint_every": 2,
+                "estimator": {"second_order": True},
+                **train,
+            },
+            "distributed": {"workers": 1, **(distributed or {})},
+            "device": "cpu",
+        }
+    )
 
 
 def train_on_ray(cfg, run_dir, address, on_metrics=None, resume=None) -> MetaTrainer:
@@ -67,8 +80,15 @@ def test_one_sync_worker_gives_the_single_process_meta_parameters(ray_cluster, t
 
 
 def test_two_workers_share_mnist_from_the_object_store(ray_cluster, tmp_path, mnist_task):
-    cfg = config(distributed={"workers": 2}, task={**mnist_task, "batch_size": 16}, meta_steps=2, unroll=2,
-                 episode_length=4, batch_size=2, eval_runs=2)
+    cfg = config(
+        distributed={"workers": 2},
+        task={**mnist_task, "batch_size": 16},
+        meta_steps=2,
+        unroll=2,
+        episode_length=4,
+        batch_size=2,
+        eval_runs=2,
+    )
     trainer = train_on_ray(cfg, tmp_path / "run", ray_cluster.address)
     last = trainer.history[-1]
     assert last["workers_alive"] == 2 and last["worker_failures"] == 0 and last["straggler_ratio"] >= 1
@@ -113,8 +133,15 @@ def wait_for_restart(group, deadline_s: float = 180.0) -> list[int]:
 
 
 def test_a_worker_killed_mid_unroll_rejoins_until_ray_runs_out_of_restarts(ray_cluster, tmp_path):
-    cfg = config(distributed={"workers": 2, "max_restarts": 1}, task={"kind": "quadratic", "dim": 100},
-                 meta_steps=10, batch_size=64, unroll=10, episode_length=20, checkpoint_every=5)
+    cfg = config(
+        distributed={"workers": 2, "max_restarts": 1},
+        task={"kind": "quadratic", "dim": 100},
+        meta_steps=10,
+        batch_size=64,
+        unroll=10,
+        episode_length=20,
+        checkpoint_every=5,
+    )
     seen = {"killed": []}
 
     def kill_mid_unroll(pid: int) -> None:
@@ -149,8 +176,12 @@ def test_resume_on_ray_continues_exactly(ray_cluster, tmp_path):
     cfg = config(distributed={"workers": 2}, meta_steps=6)
     straight = train_on_ray(cfg, tmp_path / "straight", ray_cluster.address)
     # Its meta-step 4 checkpoint is where a run cut there would stop; new workers continue from it.
-    resumed = train_on_ray(cfg, tmp_path / "resumed", ray_cluster.address,
-                           resume=tmp_path / "straight" / "checkpoints" / "meta_step_000004")
+    resumed = train_on_ray(
+        cfg,
+        tmp_path / "resumed",
+        ray_cluster.address,
+        resume=tmp_path / "straight" / "checkpoints" / "meta_step_000004",
+    )
     assert resumed.history[0]["meta_step"] == 5
     for name, value in straight.meta_params.items():
         torch.testing.assert_close(resumed.meta_params[name], value, rtol=0, atol=0)
@@ -172,12 +203,27 @@ def test_batch_must_split_evenly_across_workers():
 
 def test_metaopt_train_cli_on_ray(ray_cluster, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's default ./mlflow.db and ./mlruns land here, not in the checkout
-    code = metaopt_main([
-        "train", str(REPO_ROOT / "jobs/configs/train_quadratic_phnn.yaml"), "--no-progress", "--address",
-        ray_cluster.address, "--output", str(tmp_path / "run"), "--set", "train.meta_steps=2",
-        "--set", "train.eval_every=1", "--set", "distributed.workers=2", "--set", "evaluate.runs=5",
-        "--set", "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
-    ])
+    code = metaopt_main(
+        [
+            "train",
+            str(REPO_ROOT / "jobs/configs/train_quadratic_phnn.yaml"),
+            "--no-progress",
+            "--address",
+            ray_cluster.address,
+            "--output",
+            str(tmp_path / "run"),
+            "--set",
+            "train.meta_steps=2",
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "distributed.workers=2",
+            "--set",
+            "evaluate.runs=5",
+            "--set",
+            "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "on Ray with 2 sync worker(s)" in out and "meta-step 2: meta-loss" in out

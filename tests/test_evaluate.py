@@ -18,21 +18,29 @@ from metaopt.tasks import Quadratic
 
 def write_config(tmp_path, task, optimizers, steps=12, runs=5):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "task": task,
-        "evaluate": {"steps": steps, "runs": runs, "seed": 3, "sweep_runs": 4, "optimizers": optimizers},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "task": task,
+                "evaluate": {"steps": steps, "runs": runs, "seed": 3, "sweep_runs": 4, "optimizers": optimizers},
+            }
+        )
+    )
     return path
 
 
 @pytest.mark.parametrize("task_name", ["quadratic", "mnist"])
 def test_evaluate_cli_writes_every_output(tmp_path, capsys, task_name, request):
     task = {"kind": "quadratic"} if task_name == "quadratic" else request.getfixturevalue("mnist_task")
-    optimizers = [{"kind": "adam", "lr": 0.03}, {"kind": "momentum", "lr": 0.01},
-                  {"kind": "sgd", "lr_sweep": [0.001, 0.01]}]
+    optimizers = [
+        {"kind": "adam", "lr": 0.03},
+        {"kind": "momentum", "lr": 0.01},
+        {"kind": "sgd", "lr_sweep": [0.001, 0.01]},
+    ]
     output = tmp_path / "out"
-    assert main(["evaluate", str(write_config(tmp_path, task, optimizers)), "--output", str(output),
-                 "--no-progress"]) == 0
+    assert (
+        main(["evaluate", str(write_config(tmp_path, task, optimizers)), "--output", str(output), "--no-progress"]) == 0
+    )
 
     curves = pq.read_table(output / "curves.parquet").to_pandas()
     assert list(curves.columns) == ["optimizer", "run", "step", "loss"]
@@ -53,8 +61,10 @@ def test_evaluate_cli_writes_every_output(tmp_path, capsys, task_name, request):
 
 def test_same_optimizees_for_every_optimizer_and_seeded():
     family = Quadratic()
-    candidates = [Candidate("a", lambda lr: make_optimizer("sgd", lr=lr), lr=0.01),
-                  Candidate("b", lambda lr: make_optimizer("sgd", lr=lr), lr=0.01)]
+    candidates = [
+        Candidate("a", lambda lr: make_optimizer("sgd", lr=lr), lr=0.01),
+        Candidate("b", lambda lr: make_optimizer("sgd", lr=lr), lr=0.01),
+    ]
     first = compare(candidates, family, steps=5, runs=3, seed=1, show_progress=False)
     assert torch.equal(first[0].losses, first[1].losses)
     again = compare(candidates, family, steps=5, runs=3, seed=1, show_progress=False)
@@ -78,8 +88,16 @@ def test_a_checkpoints_learned_schedule_is_stretched_over_the_evaluation(tmp_pat
 def test_lr_sweep_keeps_the_best_rate_on_meta_train_optimizees():
     family = Quadratic()
     sweep = [1e-5, 0.01, 10.0]  # too small, good, divergent
-    [result] = compare([Candidate("sgd", lambda lr: make_optimizer("sgd", lr=lr), lr_sweep=sweep)],
-                       family, steps=30, runs=4, seed=0, tuning_family=family, sweep_runs=4, show_progress=False)
+    [result] = compare(
+        [Candidate("sgd", lambda lr: make_optimizer("sgd", lr=lr), lr_sweep=sweep)],
+        family,
+        steps=30,
+        runs=4,
+        seed=0,
+        tuning_family=family,
+        sweep_runs=4,
+        show_progress=False,
+    )
     assert result.optimizer.lr == 0.01
     assert result.sweep_scores[10.0] == float("inf")  # diverged runs score infinitely badly
     assert result.sweep_scores[0.01] < result.sweep_scores[1e-5]

@@ -51,6 +51,8 @@ CONFIGS = [  # (kind, options): the kernels' specialised paths first, then their
     ("lstm", {"preprocess": False, "hidden": 7, "layers": 3}),
     ("lstm", {"hidden": 5, "layers": 1, "out_mul": 0.3}),
 ]
+
+
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty build cache and no library loaded yet in this process."""
@@ -68,8 +70,10 @@ def trained_like(options: dict, seed: int = 0, kind: str = "hnn_seed"):
 
 def initial_state(optimizer, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A random state of the optimizer's shape (v, a running mean of g², non-negative)."""
-    return {key: value.uniform_(0, 1, generator=generator) if key == "v" else value.normal_(generator=generator)
-            for key, value in optimizer.init_state(torch.zeros(size)).items()}
+    return {
+        key: value.uniform_(0, 1, generator=generator) if key == "v" else value.normal_(generator=generator)
+        for key, value in optimizer.init_state(torch.zeros(size)).items()
+    }
 
 
 def gradients(sizes: list[int]) -> list[torch.Tensor]:
@@ -174,8 +178,9 @@ def test_without_a_compiler_the_default_warns_once_and_runs_batched(fresh_cache,
     with pytest.warns(UserWarning, match="no C compiler 'no-such-compiler'") as caught:
         losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=3)
     assert len([w for w in caught if "fused" in str(w.message)]) == 1
-    assert losses == train(reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False),
-                           x, y, steps=3)
+    assert losses == train(
+        reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False), x, y, steps=3
+    )
     with pytest.raises(RuntimeError, match="fused=True, but the fused hnn_seed step cannot run: no C compiler"):
         train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True), x, y, steps=1)
 
@@ -206,12 +211,19 @@ def test_a_corrupt_cached_library_is_rebuilt(fresh_cache):
     built.unlink()  # a new file, not an in-place write: this process still maps the library it loaded
     built.write_bytes(b"not a shared library")
     # A fresh process (this one would reuse its loaded copy): it must rebuild, then step.
-    script = ("import torch; from tests.test_fused_step import gradients, trained_like\n"
-              "optimizer, meta_params = trained_like({}); params = [torch.zeros(100)]\n"
-              "optimizer.fused_step(meta_params, params, gradients([100]), {'p': torch.zeros(100, 2)}, 0, 1.0)\n"
-              "print(float(params[0].abs().max()))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
-                            env={**os.environ, "METAOPT_CACHE_DIR": str(fresh_cache.parent)})
+    script = (
+        "import torch; from tests.test_fused_step import gradients, trained_like\n"
+        "optimizer, meta_params = trained_like({}); params = [torch.zeros(100)]\n"
+        "optimizer.fused_step(meta_params, params, gradients([100]), {'p': torch.zeros(100, 2)}, 0, 1.0)\n"
+        "print(float(params[0].abs().max()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "METAOPT_CACHE_DIR": str(fresh_cache.parent)},
+    )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) > 0 and built.read_bytes().startswith(b"\x7fELF")
 
@@ -223,13 +235,24 @@ def test_the_wheel_ships_every_kernel_source(tmp_path):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_bytes((REPO_ROOT / name).read_bytes())
     shutil.copytree(REPO_ROOT / "metaopt", source / "metaopt", ignore=shutil.ignore_patterns("__pycache__"))
-    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
-                            "print(build_meta.build_wheel(sys.argv[1]))", str(tmp_path / "dist")],
-                           cwd=source, capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))",
+            str(tmp_path / "dist"),
+        ],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = tmp_path / "dist" / build.stdout.strip().splitlines()[-1]
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if "/csrc/" in name}
-    kernel_sources = {f"metaopt/optimizers/csrc/{path.name}" for path in (REPO_ROOT / "metaopt/optimizers/csrc").iterdir()}
+    kernel_sources = {
+        f"metaopt/optimizers/csrc/{path.name}" for path in (REPO_ROOT / "metaopt/optimizers/csrc").iterdir()
+    }
     assert kernel_sources and shipped == kernel_sources
 
 
@@ -242,8 +265,9 @@ def test_float64_is_refused_by_fused_true_and_runs_batched_by_default():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default takes what the kernel does not without a word, like Adam's
         losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=2)
-    assert losses == train(reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False),
-                           x, y, steps=2)
+    assert losses == train(
+        reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False), x, y, steps=2
+    )
     assert losses[1] != losses[0]
 
 
@@ -260,8 +284,9 @@ def test_phnn_options_the_kernel_does_not_take_are_refused_and_run_batched():
         train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params, fused=True), x, y, steps=1)
     reference = copy.deepcopy(model)
     losses = train(model, LearnedOptimizer(model.parameters(), optimizer, meta_params), x, y, steps=2)
-    assert losses == train(reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False),
-                           x, y, steps=2)
+    assert losses == train(
+        reference, LearnedOptimizer(reference.parameters(), optimizer, meta_params, fused=False), x, y, steps=2
+    )
 
 
 def test_fused_true_is_refused_where_there_is_no_fused_step():
@@ -285,11 +310,19 @@ def meta_step(optimizer, meta_params: dict, grads: torch.Tensor, state: dict, we
     return (updates, *new_state.values()), torch.autograd.grad(loss, [p, *meta_params.values()])
 
 
-@pytest.mark.parametrize(("kind", "options"), [
-    ("phnn", {}), ("phnn", {"normalize": True}), ("phnn", {"preprocess": False, "hidden": 5}),
-    ("hnn_seed", {}), ("hnn_seed", {"preprocess": False}), ("hnn_seed", {"hidden": 7, "activation": "tanh"}),
-    ("lstm", {}), ("lstm", {"preprocess": False, "hidden": 7, "layers": 3}),
-])
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("phnn", {}),
+        ("phnn", {"normalize": True}),
+        ("phnn", {"preprocess": False, "hidden": 5}),
+        ("hnn_seed", {}),
+        ("hnn_seed", {"preprocess": False}),
+        ("hnn_seed", {"hidden": 7, "activation": "tanh"}),
+        ("lstm", {}),
+        ("lstm", {"preprocess": False, "hidden": 7, "layers": 3}),
+    ],
+)
 def test_meta_training_step_and_its_backward_match_the_batched_update(kind, options):
     optimizer, meta_params = trained_like(options, kind=kind)
     generator = torch.Generator().manual_seed(3)
@@ -302,8 +335,9 @@ def test_meta_training_step_and_its_backward_match_the_batched_update(kind, opti
     fused_outputs, fused_grads = meta_step(optimizer, meta_params, grads, state, weights)
     # float64 takes the batched update: the reference, computed more exactly
     double = {k: v.double() for k, v in meta_params.items()}
-    outputs, reference = meta_step(optimizer, double, grads.double(), {k: v.double() for k, v in state.items()},
-                                   tuple(w.double() for w in weights))
+    outputs, reference = meta_step(
+        optimizer, double, grads.double(), {k: v.double() for k, v in state.items()}, tuple(w.double() for w in weights)
+    )
     for got, want in zip(fused_outputs, outputs):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     # Sums over 90,003 coordinates cancel (hnn_seed's G.0.weight: 0.07 from terms up to ~30), so the
@@ -325,8 +359,9 @@ def test_phnn_meta_training_without_a_compiler_warns_and_runs_batched(fresh_cach
     with pytest.warns(UserWarning, match="runs the batched update: the fused kernel cannot be built"):
         outputs, grads_of = meta_step(optimizer, meta_params, grads, state, weights)
     double = {k: v.double() for k, v in meta_params.items()}
-    _, reference = meta_step(optimizer, double, grads.double(), {k: v.double() for k, v in state.items()},
-                             tuple(w.double() for w in weights))
+    _, reference = meta_step(
+        optimizer, double, grads.double(), {k: v.double() for k, v in state.items()}, tuple(w.double() for w in weights)
+    )
     for got, want in zip(grads_of, reference):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
@@ -345,8 +380,9 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize(("kind", "options"), [("hnn_seed", {}), ("phnn", {"normalize": True, "sign_equivariant": True}),
-                                               ("lstm", {})])
+@pytest.mark.parametrize(
+    ("kind", "options"), [("hnn_seed", {}), ("phnn", {"normalize": True, "sign_equivariant": True}), ("lstm", {})]
+)
 def test_no_grad_and_per_particle_updates_run_the_kernel_and_match_the_batched_update(kind, options, kernel_calls):
     optimizer, _ = trained_like(options, kind=kind)
     particles = [off_initialisation(optimizer.init_meta_params(0), seed, scale=0.3) for seed in range(3)]
@@ -385,8 +421,14 @@ def test_es_meta_gradient_with_the_kernel_matches_the_vmapped_update(kernel_call
     config = SimpleNamespace(kind="pes", pairs=3, sigma=0.01)
 
     def estimates():
-        estimator = make_estimator(config, Quadratic(dim=10), optimizer, unroll_length=5, episode_length=20,
-                                   seeds=lambda episode: optimizee_seeds(0, 4, "meta_train", stream=episode))
+        estimator = make_estimator(
+            config,
+            Quadratic(dim=10),
+            optimizer,
+            unroll_length=5,
+            episode_length=20,
+            seeds=lambda episode: optimizee_seeds(0, 4, "meta_train", stream=episode),
+        )
         return [estimator.estimate(meta_params).grads for _ in range(2)]
 
     fused = estimates()
@@ -396,8 +438,9 @@ def test_es_meta_gradient_with_the_kernel_matches_the_vmapped_update(kernel_call
     assert len(kernel_calls) == 2 * 5 * 6
     for got, want in zip(fused, batched):
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-3 * want[name].abs().max().item(),
-                                       msg=name)
+            torch.testing.assert_close(
+                got[name], want[name], rtol=1e-3, atol=1e-3 * want[name].abs().max().item(), msg=name
+            )
 
 
 def test_particles_of_options_the_kernel_refuses_are_vmapped(kernel_calls):

@@ -95,7 +95,9 @@ def test_coordinatewise(name: str):
 @pytest.mark.parametrize("name", FACTORIES)
 def test_no_grad_matches_grad_mode(name: str):
     optimizer = FACTORIES[name]()
-    meta_params = {k: v.requires_grad_(True) for k, v in off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1).items()}
+    meta_params = {
+        k: v.requires_grad_(True) for k, v in off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1).items()
+    }
     grads = torch.randn(4, 10)
     state = optimizer.init_state(grads)
     with_grad, next_state = optimizer.update(meta_params, grads, state, 0)
@@ -128,8 +130,14 @@ def test_hnn_seed_every_meta_param_gets_meta_gradient(preprocess: bool):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"state_dim": 2, "state_features": True}, {"integrator": "leapfrog"}, {"normalize": True},
-     {"sign_equivariant": True, "state_dim": 2, "state_features": True}, {"horizon": 40}],
+    [
+        {},
+        {"state_dim": 2, "state_features": True},
+        {"integrator": "leapfrog"},
+        {"normalize": True},
+        {"sign_equivariant": True, "state_dim": 2, "state_features": True},
+        {"horizon": 40},
+    ],
 )
 def test_phnn_every_meta_param_gets_meta_gradient(options: dict):
     optimizer = PHNN(**options)
@@ -189,8 +197,16 @@ def test_phnn_schedule_scales_each_step_by_its_interpolated_knot():
     grads = torch.randn(6, generator=torch.Generator().manual_seed(0))
     state = plain.init_state(grads)
     # t -> s(t / 80): knots sit every 10 steps; a negative knot counts as 0; after T the last holds
-    for step, level in ((0, 0.2), (5, 0.4), (25, 1.2), (33, 0.7 * 1.0 + 0.3 * -0.5), (40, 0.0), (79, 0.05 + 0.1 * 0.05),
-                        (80, 0.05), (200, 0.05)):
+    for step, level in (
+        (0, 0.2),
+        (5, 0.4),
+        (25, 1.2),
+        (33, 0.7 * 1.0 + 0.3 * -0.5),
+        (40, 0.0),
+        (79, 0.05 + 0.1 * 0.05),
+        (80, 0.05),
+        (200, 0.05),
+    ):
         expected, expected_state = plain.update(meta_params, grads, state, step)
         updates, new_state = scheduled.update({**meta_params, "schedule": knots}, grads, state, step)
         factor = max(level, 0.0) / (1 - 0.7 ** (step + 1))
@@ -242,8 +258,12 @@ def test_phnn_starts_as_heavy_ball(options: dict, lr: float, momentum: float):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"preprocess": False}, {"state_dim": 2, "state_features": True},
-     {"integrator": "leapfrog", "normalize": True}],
+    [
+        {},
+        {"preprocess": False},
+        {"state_dim": 2, "state_features": True},
+        {"integrator": "leapfrog", "normalize": True},
+    ],
 )
 def test_phnn_sign_equivariant_flips_with_the_gradient(options: dict):
     """(g, p) -> (−g, −p) gives exactly (−Δθ, −p'), so a zero gradient on a zero state moves nothing;
@@ -264,8 +284,9 @@ def test_phnn_sign_equivariant_flips_with_the_gradient(options: dict):
     still, _ = optimizer.update(meta_params, zeros, optimizer.init_state(zeros), 0)
     assert (still == 0).all()
     plain = PHNN(**options)
-    drift, _ = plain.update(off_initialisation(plain.init_meta_params(0), 0, scale=0.3), zeros,
-                            plain.init_state(zeros), 0)
+    drift, _ = plain.update(
+        off_initialisation(plain.init_meta_params(0), 0, scale=0.3), zeros, plain.init_state(zeros), 0
+    )
     assert drift.abs().min() > 1e-4
 
 
@@ -294,8 +315,9 @@ def test_phnn_normalize_starts_as_heavy_ball_on_rms_normalised_gradients():
     for step, g in enumerate(grads):
         updates, state = optimizer.update(meta_params, g, state, step)
         v = 0.99 * v + 0.01 * g * g
-        expected, momentum_state = momentum.update({}, g / ((v / (1 - 0.99 ** (step + 1))).sqrt() + 1e-8),
-                                                   momentum_state, step)
+        expected, momentum_state = momentum.update(
+            {}, g / ((v / (1 - 0.99 ** (step + 1))).sqrt() + 1e-8), momentum_state, step
+        )
         torch.testing.assert_close(updates, expected)
     # Scale-free: the same gradients 1000× larger give the same steps.
     scaled, _ = optimizer.update(meta_params, 1e3 * grads[1], optimizer.init_state(grads[1]), 0)
@@ -318,7 +340,9 @@ def test_phnn_rejects_unknown_switch():
         PHNN(integrator="rk4")
 
 
-@pytest.mark.parametrize("options", [{"depth": 3, "activation": "relu"}, {"preprocess": False}, {"integrator": "leapfrog"}])
+@pytest.mark.parametrize(
+    "options", [{"depth": 3, "activation": "relu"}, {"preprocess": False}, {"integrator": "leapfrog"}]
+)
 def test_phnn_architectures_start_as_heavy_ball(options):
     """Every architecture of the search space starts as heavy ball (zero last layers)."""
     grads = torch.randn(3, 5)

@@ -7,8 +7,20 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metaopt"
-LAYER = {"optimizers": 0, "tasks": 0, "config": 1, "meta": 2, "evaluate": 3, "distributed": 3, "tracking": 3,
-         "pipeline": 4, "api": 4, "tune": 5, "cli": 6, "__init__": 7}
+LAYER = {
+    "optimizers": 0,
+    "tasks": 0,
+    "config": 1,
+    "meta": 2,
+    "evaluate": 3,
+    "distributed": 3,
+    "tracking": 3,
+    "pipeline": 4,
+    "api": 4,
+    "tune": 5,
+    "cli": 6,
+    "__init__": 7,
+}
 # The edges: the learner's loop and the Ray workers never write to MLflow.
 MAY_IMPORT_TRACKING = {"pipeline", "api", "tune", "cli"}
 MAY_IMPORT = {"ray": {"distributed", "tune", "cli"}, "mlflow": {"tracking", "cli"}}
@@ -40,8 +52,12 @@ def test_every_part_of_metaopt_has_a_layer():
 
 
 def test_imports_go_one_way():
-    upward = sorted(f"{part} -> {target}" for part, targets in imports().items() for target in targets
-                    if target in LAYER and target != part and LAYER[target] >= LAYER[part])
+    upward = sorted(
+        f"{part} -> {target}"
+        for part, targets in imports().items()
+        for target in targets
+        if target in LAYER and target != part and LAYER[target] >= LAYER[part]
+    )
     assert not upward, f"imports against the layers (or within one layer): {upward}"
 
 

@@ -16,14 +16,24 @@ from metaopt.tasks import Quadratic, optimizee_seeds
 
 
 def train_config(kind="phnn", options=None, **train):
-    return validate_config({
-        "task": {"kind": "quadratic"},
-        "optimizer": {"kind": kind, "options": options or {}},
-        "train": {"meta_steps": 6, "unroll": 5, "episode_length": 10, "batch_size": 8, "eval_every": 3,
-                  "eval_runs": 8, "checkpoint_every": 3, **train},
-        "evaluate": {"steps": 10, "runs": 6, "optimizers": [{"kind": "adam", "lr_sweep": [0.03, 0.1]}]},
-        "device": "cpu",
-    })
+    return validate_config(
+        {
+            "task": {"kind": "quadratic"},
+            "optimizer": {"kind": kind, "options": options or {}},
+            "train": {
+                "meta_steps": 6,
+                "unroll": 5,
+                "episode_length": 10,
+                "batch_size": 8,
+                "eval_every": 3,
+                "eval_runs": 8,
+                "checkpoint_every": 3,
+                **train,
+            },
+            "evaluate": {"steps": 10, "runs": 6, "optimizers": [{"kind": "adam", "lr_sweep": [0.03, 0.1]}]},
+            "device": "cpu",
+        }
+    )
 
 
 def flat(params):
@@ -33,9 +43,14 @@ def flat(params):
 def estimator(kind="tbptt", optimizer_kind="phnn", length=5, **options):
     family = Quadratic()
     config = validate_config({"task": {"kind": "quadratic"}, "train": {"estimator": {"kind": kind, **options}}}).train
-    return make_estimator(config.estimator, family, make_optimizer(optimizer_kind),
-                          lambda episode: optimizee_seeds(0, 8, "meta_train", stream=episode),
-                          unroll_length=length, episode_length=20)
+    return make_estimator(
+        config.estimator,
+        family,
+        make_optimizer(optimizer_kind),
+        lambda episode: optimizee_seeds(0, 8, "meta_train", stream=episode),
+        unroll_length=length,
+        episode_length=20,
+    )
 
 
 @pytest.mark.parametrize("kind", ["hnn_seed", "lstm", "mlp", "phnn"])
@@ -128,8 +143,16 @@ def test_resuming_a_finished_run_in_a_new_folder_returns_a_checkpoint_there(tmp_
 
 
 def test_same_seed_same_result_and_training_beats_initialisation(tmp_path):
-    config = train_config(meta_steps=30, batch_size=32, episode_length=50, unroll=10, eval_every=30,
-                          eval_runs=32, meta_lr=0.01, estimator={"second_order": True})
+    config = train_config(
+        meta_steps=30,
+        batch_size=32,
+        episode_length=50,
+        unroll=10,
+        eval_every=30,
+        eval_runs=32,
+        meta_lr=0.01,
+        estimator={"second_order": True},
+    )
     runs = [MetaTrainer(config, tmp_path / f"run{i}") for i in range(2)]
     before = runs[0].heldout_loss()
     for run in runs:
@@ -189,11 +212,18 @@ def test_train_cli_end_to_end_and_evaluate_accepts_the_checkpoint(tmp_path, caps
 
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
     evaluate = tmp_path / "evaluate.yaml"
-    evaluate.write_text(yaml.safe_dump({
-        "task": {"kind": "quadratic"},
-        "evaluate": {"steps": 10, "runs": 4, "optimizers": [{"checkpoint": str(checkpoint), "name": "trained"},
-                                                             {"kind": "adam", "lr": 0.1}]},
-    }))
+    evaluate.write_text(
+        yaml.safe_dump(
+            {
+                "task": {"kind": "quadratic"},
+                "evaluate": {
+                    "steps": 10,
+                    "runs": 4,
+                    "optimizers": [{"checkpoint": str(checkpoint), "name": "trained"}, {"kind": "adam", "lr": 0.1}],
+                },
+            }
+        )
+    )
     assert main(["evaluate", str(evaluate), "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
     assert "| trained |" in capsys.readouterr().out
 

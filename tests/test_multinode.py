@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-
 from conftest import _free_port, _stop_group
+from test_distributed import config, cpu_ticks, train_on_ray
+
 from metaopt.config import ConfigError
 from metaopt.distributed import ray_workers
 from metaopt.meta import MetaTrainer, load_checkpoint
-from test_distributed import config, cpu_ticks, train_on_ray
+
+pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
 
 # Test cluster only: the GCS declares a node dead after 4 failed health checks 0.5 s apart (about
 # 2 s for a killed raylet, whose checks fail at once; Ray's defaults take about 15 s). A check may
@@ -40,9 +42,15 @@ NODE_RESOURCES = json.dumps({"rollout": 1})
 def ray_start(temp_dir: Path, *options: str) -> subprocess.Popen:
     """``ray start --block`` on 127.0.0.1 in its own process group, logging to ``temp_dir``.log."""
     command = [
-        str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--num-gpus=0",
-        f"--dashboard-agent-listen-port={_free_port()}", *options,
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--num-gpus=0",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        *options,
     ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
@@ -87,8 +95,9 @@ class TwoNodes:
 
     def start_second(self, wait: bool = True) -> None:
         self.second_dir = Path(tempfile.mkdtemp(prefix="second", dir=self.root))
-        self.second_process = ray_start(self.second_dir, f"--address={self.address}", "--num-cpus=2",
-                                        f"--resources={NODE_RESOURCES}")
+        self.second_process = ray_start(
+            self.second_dir, f"--address={self.address}", "--num-cpus=2", f"--resources={NODE_RESOURCES}"
+        )
         self.started.append(self.second_process)
         if wait:
             self.wait_for_second()
@@ -114,9 +123,16 @@ def cluster() -> TwoNodes:
     root = Path(tempfile.mkdtemp(prefix="ray2", dir="/tmp"))
     head_dir = root / "head"
     address = f"127.0.0.1:{_free_port()}"
-    head = ray_start(head_dir, "--head", f"--port={address.split(':')[1]}", "--num-cpus=1",
-                     f"--resources={NODE_RESOURCES}", "--include-dashboard=false",
-                     f"--ray-client-server-port={_free_port()}", f"--system-config={json.dumps(HEALTH_CHECKS)}")
+    head = ray_start(
+        head_dir,
+        "--head",
+        f"--port={address.split(':')[1]}",
+        "--num-cpus=1",
+        f"--resources={NODE_RESOURCES}",
+        "--include-dashboard=false",
+        f"--ray-client-server-port={_free_port()}",
+        f"--system-config={json.dumps(HEALTH_CHECKS)}",
+    )
     nodes = TwoNodes(address, "", root, started=[head])
     try:
         nodes.start_second(wait=False)  # it waits for the head's GCS itself: both start at once
@@ -143,8 +159,15 @@ def two_nodes(cluster: TwoNodes) -> TwoNodes:
 
 def test_mnist_meta_trains_with_a_worker_on_each_node(two_nodes, tmp_path, mnist_task):
     # The driver puts the data in the head's object store; the second node's worker reads it from there.
-    cfg = config(distributed={"workers": 2, "resources": {"rollout": 1}}, task={**mnist_task, "batch_size": 16},
-                 meta_steps=2, unroll=2, episode_length=4, batch_size=2, eval_runs=2)
+    cfg = config(
+        distributed={"workers": 2, "resources": {"rollout": 1}},
+        task={**mnist_task, "batch_size": 16},
+        meta_steps=2,
+        unroll=2,
+        episode_length=4,
+        batch_size=2,
+        eval_runs=2,
+    )
     with ray_workers(cfg, two_nodes.address) as group:
         nodes = sorted(node for _, node in group.worker_places())
         trainer = MetaTrainer(cfg, tmp_path / "run", gradient_source=group)
@@ -156,20 +179,32 @@ def test_mnist_meta_trains_with_a_worker_on_each_node(two_nodes, tmp_path, mnist
 
 
 def test_resources_the_cluster_lacks_fail_before_any_worker_starts(two_nodes):
-    with pytest.raises(ConfigError, match=r"resources.rollout=2 needs 4 rollout but the Ray cluster has 2 "
-                                          r"\(its custom resources: rollout=2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"resources.rollout=2 needs 4 rollout but the Ray cluster has 2 "
+        r"\(its custom resources: rollout=2\)",
+    ):
         with ray_workers(config(distributed={"workers": 2, "resources": {"rollout": 2}}), two_nodes.address):
             pass
-    with pytest.raises(ConfigError, match=r"needs 1 gpu_node but the Ray cluster has 0 .*ray start "
-                                          r"--resources='\{\"gpu_node\": N\}'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"needs 1 gpu_node but the Ray cluster has 0 .*ray start "
+        r"--resources='\{\"gpu_node\": N\}'",
+    ):
         with ray_workers(config(distributed={"resources": {"gpu_node": 1}}), two_nodes.address):
             pass
 
 
 def test_losing_the_second_node_mid_run_leaves_the_head_worker_training(two_nodes, tmp_path):
     restart_timeout = 2.0
-    cfg = config(distributed={"workers": 2, "resources": {"rollout": 1}, "restart_timeout": restart_timeout},
-                 task={"kind": "quadratic", "dim": 100}, meta_steps=8, batch_size=64, unroll=10, episode_length=20)
+    cfg = config(
+        distributed={"workers": 2, "resources": {"rollout": 1}, "restart_timeout": restart_timeout},
+        task={"kind": "quadratic", "dim": 100},
+        meta_steps=8,
+        batch_size=64,
+        unroll=10,
+        episode_length=20,
+    )
     seen = {}
 
     def lose_second_node_mid_unroll(pid: int) -> None:
@@ -201,8 +236,11 @@ def test_losing_the_second_node_mid_run_leaves_the_head_worker_training(two_node
     assert [node for _, node in places] == [two_nodes.head]
     last = trainer.history[-1]
     assert trainer.meta_step == 8 and last["workers_alive"] == 1 and last["worker_failures"] == 1
-    assert any("has not answered for 2 s since it failed (distributed.restart_timeout)" in str(w.message)
-               and "the run goes on with 1 of 2 workers" in str(w.message) for w in caught)
+    assert any(
+        "has not answered for 2 s since it failed (distributed.restart_timeout)" in str(w.message)
+        and "the run goes on with 1 of 2 workers" in str(w.message)
+        for w in caught
+    )
 
     _, _, spec = load_checkpoint(final)
     assert spec["meta_step"] == 8
@@ -210,12 +248,21 @@ def test_losing_the_second_node_mid_run_leaves_the_head_worker_training(two_node
     assert all(torch.isfinite(value).all() for value in best.values())
 
     # What is left has one `rollout`: two workers no longer fit, one resumes the run.
-    with pytest.raises(ConfigError, match=r"needs 2 rollout but the Ray cluster has 1 "
-                                          r"\(its custom resources: rollout=1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"needs 2 rollout but the Ray cluster has 1 "
+        r"\(its custom resources: rollout=1\)",
+    ):
         with ray_workers(cfg, two_nodes.address):
             pass
-    one = config(distributed={"workers": 1, "resources": {"rollout": 1}}, task={"kind": "quadratic", "dim": 100},
-                 meta_steps=10, batch_size=64, unroll=10, episode_length=20)
+    one = config(
+        distributed={"workers": 1, "resources": {"rollout": 1}},
+        task={"kind": "quadratic", "dim": 100},
+        meta_steps=10,
+        batch_size=64,
+        unroll=10,
+        episode_length=20,
+    )
     with pytest.warns(UserWarning, match=r"from 1 Ray worker\(s\) \(of 2 started\), this run has 1 \(of 1\)"):
         resumed = train_on_ray(one, tmp_path / "resumed", two_nodes.address, resume=final)
     assert resumed.history[0]["meta_step"] == 9 and resumed.meta_step == 10

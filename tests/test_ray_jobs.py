@@ -25,21 +25,51 @@ from jobs import meta_train, tune
 from metaopt.cli import build_parser
 from metaopt.meta import load_checkpoint
 
-TINY = ["--set", "train.meta_steps=2", "--set", "train.eval_every=2", "--set", "train.batch_size=8", "--set",
-        "train.eval_runs=4", "--set", "evaluate.runs=5", "--set", "evaluate.optimizers=[{kind: adam, lr: 0.1}]"]
+pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
+
+TINY = [
+    "--set",
+    "train.meta_steps=2",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_runs=4",
+    "--set",
+    "evaluate.runs=5",
+    "--set",
+    "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
+]
 
 
-@pytest.mark.parametrize("job,command,config", [
-    (meta_train, "train", "jobs/configs/train_quadratic_phnn.yaml"),
-    (tune, "tune", "jobs/configs/tune_quadratic_phnn.yaml"),
-], ids=["meta_train", "tune"])
+@pytest.mark.parametrize(
+    "job,command,config",
+    [
+        (meta_train, "train", "jobs/configs/train_quadratic_phnn.yaml"),
+        (tune, "tune", "jobs/configs/tune_quadratic_phnn.yaml"),
+    ],
+    ids=["meta_train", "tune"],
+)
 def test_job_takes_the_cli_options(job, command, config):
     """``jobs/X.py --config C OPTIONS`` parses as ``metaopt X C --address auto --no-progress OPTIONS``."""
-    options = ["--set", "train.meta_steps=2", "--output", "out", "--resume", "out", "--no-tracking",
-               "--tracking-uri", "http://127.0.0.1:5000", "--register", "best"]
+    options = [
+        "--set",
+        "train.meta_steps=2",
+        "--output",
+        "out",
+        "--resume",
+        "out",
+        "--no-tracking",
+        "--tracking-uri",
+        "http://127.0.0.1:5000",
+        "--register",
+        "best",
+    ]
     parsed = job.parse(["--config", config, *options])
-    assert vars(parsed) == vars(build_parser().parse_args([command, config, "--address", "auto", "--no-progress",
-                                                           *options]))
+    assert vars(parsed) == vars(
+        build_parser().parse_args([command, config, "--address", "auto", "--no-progress", *options])
+    )
     assert parsed.no_tracking and parsed.tracking_uri == "http://127.0.0.1:5000" and parsed.register == "best"
     assert job.parse(["--config", config, "--address", "ray://head:10001"]).address == "ray://head:10001"
 
@@ -74,15 +104,26 @@ def test_readme_job_flow_with_token_authentication(tmp_path):
     token_file.chmod(0o644)
     state = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     shell = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_") and k != "RAY_ADDRESS"}
-    shell.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                 METAOPT_RAY_DIR=str(state), RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(_free_port()))
+    shell.update(
+        HOME=str(home),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        METAOPT_RAY_DIR=str(state),
+        RAY_PORT=str(_free_port()),
+        RAY_DASHBOARD_PORT=str(_free_port()),
+    )
 
     def sh(*args: str, env: dict = shell, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
     try:
-        started = sh("cluster/local.sh", "start", "--num-cpus=2", "--num-gpus=0",
-                     f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}")
+        started = sh(
+            "cluster/local.sh",
+            "start",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         address = f"http://127.0.0.1:{shell['RAY_DASHBOARD_PORT']}"
         exports = dict(re.findall(r"^\s*export (\w+)=(\S+)$", started.stdout, re.M))
@@ -101,12 +142,30 @@ def test_readme_job_flow_with_token_authentication(tmp_path):
 
         client = {**shell, **exports}
         output = tmp_path / "run"
-        submitted = sh("ray", "job", "submit", "--working-dir", ".", "--", "python", "jobs/meta_train.py",
-                       "--config", "jobs/configs/train_quadratic_phnn.yaml", "--set", "distributed.workers=1", *TINY,
-                       "--no-tracking", "--output", str(output), env=client, timeout=300)
+        submitted = sh(
+            "ray",
+            "job",
+            "submit",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "jobs/meta_train.py",
+            "--config",
+            "jobs/configs/train_quadratic_phnn.yaml",
+            "--set",
+            "distributed.workers=1",
+            *TINY,
+            "--no-tracking",
+            "--output",
+            str(output),
+            env=client,
+            timeout=300,
+        )
         job_id = re.search(r"raysubmit_\w+", submitted.stdout)
-        assert submitted.returncode == 0 and job_id and f"Job '{job_id[0]}' succeeded" in submitted.stdout, \
+        assert submitted.returncode == 0 and job_id and f"Job '{job_id[0]}' succeeded" in submitted.stdout, (
             submitted.stdout + submitted.stderr
+        )
         logs = sh("ray", "job", "logs", job_id[0], env=client)
         assert logs.returncode == 0 and "on Ray with 1 sync worker(s)" in logs.stdout, logs.stdout + logs.stderr
         assert "meta-step 2: meta-loss" in logs.stdout and "MLflow run" not in logs.stdout

@@ -12,8 +12,10 @@ import threading
 import time
 
 import pytest
+from conftest import MlflowServer
 from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
+from test_tracking import fit, fresh_mlflow_globals, train_cli  # noqa: F401 - fresh_mlflow_globals: autouse
 from torch import nn
 
 import metaopt
@@ -23,8 +25,8 @@ from metaopt.optimizers import make_optimizer
 from metaopt.tracking import RegistryError
 from metaopt.tracking.registry import DIGEST_TAG, cache_root, weights_sha256
 from metaopt.tracking.tracker import HTTP_DEFAULTS
-from conftest import MlflowServer
-from test_tracking import fit, fresh_mlflow_globals, train_cli  # noqa: F401 - fresh_mlflow_globals: autouse
+
+pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
 
 
 @pytest.fixture
@@ -77,8 +79,9 @@ def test_a_server_that_does_not_answer_fails_fast(port, request, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     uri = f"http://127.0.0.1:{request.getfixturevalue(port)}"
     start = time.monotonic()
-    with pytest.raises(RegistryError, match=f"server at {re.escape(uri)} cannot be reached.*is running.*"
-                                            "MLFLOW_TRACKING_URI"):
+    with pytest.raises(
+        RegistryError, match=f"server at {re.escape(uri)} cannot be reached.*is running.*MLFLOW_TRACKING_URI"
+    ):
         metaopt.load_optimizer("models:/any-phnn@production", nn.Linear(2, 1).parameters(), tracking_uri=uri)
     assert time.monotonic() - start < 30
 
@@ -86,8 +89,13 @@ def test_a_server_that_does_not_answer_fails_fast(port, request, monkeypatch):
 def test_the_registry_commands_fail_fast_without_a_server(closed_port, tmp_path, monkeypatch, capsys):
     uri = f"http://127.0.0.1:{closed_port}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # set by the user: kept
-    for action in (["list"], ["show", "any-phnn"], ["promote", "any-phnn", "1", "production"],
-                   ["pull", "any-phnn@production", str(tmp_path / "pulled")], ["register", "0" * 32, "any-phnn"]):
+    for action in (
+        ["list"],
+        ["show", "any-phnn"],
+        ["promote", "any-phnn", "1", "production"],
+        ["pull", "any-phnn@production", str(tmp_path / "pulled")],
+        ["register", "0" * 32, "any-phnn"],
+    ):
         assert metaopt_main(["registry", "--tracking-uri", uri, *action]) == 2
         assert f"server at {uri} cannot be reached" in capsys.readouterr().err
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
@@ -103,8 +111,9 @@ def logged_run(uri: str, folder) -> str:
     return run_id
 
 
-def test_loads_are_cached_by_version_verified_every_time_and_leave_no_temporary_folders(mlflow_server, tmp_path,
-                                                                                       monkeypatch):
+def test_loads_are_cached_by_version_verified_every_time_and_leave_no_temporary_folders(
+    mlflow_server, tmp_path, monkeypatch
+):
     uri = mlflow_server.uri
     run_id = logged_run(uri, tmp_path)
     temp = tmp_path / "temp"
@@ -128,8 +137,11 @@ def test_loads_are_cached_by_version_verified_every_time_and_leave_no_temporary_
     negate(entry / WEIGHTS)  # the cached copy altered: refused, by alias (checked against the tag) and by version
     altered = weights_sha256(entry)
     for source in ("models:/cached-phnn@latest", "models:/cached-phnn/1"):
-        with pytest.raises(CheckpointError, match=f"cached copy of models:/cached-phnn/1: {WEIGHTS} does not match "
-                                                  f"its registered SHA-256 \\(expected {digest}, found {altered}\\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=f"cached copy of models:/cached-phnn/1: {WEIGHTS} does not match "
+            f"its registered SHA-256 \\(expected {digest}, found {altered}\\)",
+        ):
             metaopt.load_optimizer(source, params, tracking_uri=uri)
 
     # The weights altered in the server's artifact store: a second version, its file replaced.
@@ -137,8 +149,10 @@ def test_loads_are_cached_by_version_verified_every_time_and_leave_no_temporary_
     model_id = MlflowClient(uri).get_model_version("cached-phnn", "2").source.removeprefix("models:/")
     [stored] = [p for p in (mlflow_server.root / "artifacts").rglob(WEIGHTS) if model_id in p.parts]
     negate(stored)
-    with pytest.raises(CheckpointError, match=f"models:/cached-phnn/2 at {uri}: .*expected {digest}, "
-                                              f"found {weights_sha256(stored.parent)}"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"models:/cached-phnn/2 at {uri}: .*expected {digest}, found {weights_sha256(stored.parent)}",
+    ):
         metaopt.load_optimizer("models:/cached-phnn/2", params, tracking_uri=uri)
     assert entries() == [entry] and list(temp.iterdir()) == []  # nothing cached, nothing left behind
 
@@ -154,11 +168,15 @@ def test_a_password_protected_server_takes_runs_and_loads_with_credentials_only(
         assert train_cli("--output", str(tmp_path / "run"), "--tracking-uri", server.uri, "--register", "guarded") == 0
         assert "registered guarded version 1" in capsys.readouterr().out
         model = nn.Linear(10, 1)
-        losses = fit(model, metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri))
+        losses = fit(
+            model, metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri)
+        )
         assert losses[-1] < losses[0]
 
-        refused = f"server at {re.escape(server.uri)} refused authentication \\(%s\\); set MLFLOW_TRACKING_USERNAME " \
-                  "and MLFLOW_TRACKING_PASSWORD"
+        refused = (
+            f"server at {re.escape(server.uri)} refused authentication \\(%s\\); set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
         with pytest.raises(RegistryError, match=refused % "user 'admin': wrong password, or no such user"):
             metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri)

@@ -8,8 +8,7 @@ from metaopt.tasks.data import meta_split_indices
 @pytest.fixture(scope="module")
 def mnist(request):
     root = request.getfixturevalue("mnist_root")
-    return MnistMLP(activation="sigmoid", hidden_sizes=[20], root=root, split="test", download=False,
-                    half="meta_test")
+    return MnistMLP(activation="sigmoid", hidden_sizes=[20], root=root, split="test", download=False, half="meta_test")
 
 
 def unbatched_loss_and_grad(family, optimizees, index, params, step):
@@ -73,8 +72,9 @@ def test_mnist_shapes_and_initialisation(mnist):
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 def test_mnist_batched_equals_one_at_a_time(mnist_root, activation):
-    family = MnistMLP(activation=activation, hidden_sizes=[16, 8], root=mnist_root, split="test",
-                      download=False, half="meta_train")
+    family = MnistMLP(
+        activation=activation, hidden_sizes=[16, 8], root=mnist_root, split="test", download=False, half="meta_train"
+    )
     optimizees = family.sample([11, 12, 13])
     params = optimizees.params + 0.1 * torch.randn_like(optimizees.params)
     for step in (0, 5):

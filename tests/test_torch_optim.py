@@ -82,8 +82,11 @@ def test_a_state_dict_of_another_optimizer_is_refused_with_the_state_it_needs():
     for state in older["state"].values():
         hc = state.pop("hc")
         state["h"], state["c"] = hc[..., 0, :], hc[..., 1, :]
-    with pytest.raises(ValueError, match=r"holds state \['c', 'h'\] for parameter 0, but a 'lstm' "
-                                         r"LearnedOptimizer keeps \['hc'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds state \['c', 'h'\] for parameter 0, but a 'lstm' "
+        r"LearnedOptimizer keeps \['hc'\]",
+    ):
         optimizer.load_state_dict(older)
     adam = torch.optim.Adam(model.parameters())
     train(model, adam, x, y, steps=1)

@@ -6,6 +6,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from mlflow import MlflowClient
 from torch import nn
 
@@ -15,11 +16,24 @@ from metaopt.config import validate_config
 from metaopt.meta import MetaTrainer
 from metaopt.tracking import RegistryError, RunTracker
 from metaopt.tracking.registry import resolve_checkpoint
-from conftest import REPO_ROOT
 
-TINY = ["--set", "train.meta_steps=4", "--set", "train.eval_every=2", "--set", "train.batch_size=8",
-        "--set", "train.eval_runs=4", "--set", "evaluate.runs=5", "--set", "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
-        "--no-progress"]
+pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
+
+TINY = [
+    "--set",
+    "train.meta_steps=4",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_runs=4",
+    "--set",
+    "evaluate.runs=5",
+    "--set",
+    "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +80,15 @@ def test_a_tracked_run_is_registered_promoted_pulled_and_trains_a_torch_model(ml
     assert [m.step for m in client.get_metric_history(run_id, "meta_loss")] == [1, 2, 3, 4]
     assert len(client.get_metric_history(run_id, "heldout_loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
-        a.path for folder in ("checkpoints", "evaluation") for a in client.list_artifacts(run_id, folder)}
-    assert {"metrics.parquet", "config.yaml", "checkpoints/best", "evaluation/table.md", "evaluation/curves.png"} <= artifacts
+        a.path for folder in ("checkpoints", "evaluation") for a in client.list_artifacts(run_id, folder)
+    }
+    assert {
+        "metrics.parquet",
+        "config.yaml",
+        "checkpoints/best",
+        "evaluation/table.md",
+        "evaluation/curves.png",
+    } <= artifacts
 
     version = client.get_model_version("tiny-phnn", "1")
     assert version.tags["task"] == "quadratic" and float(version.tags["heldout_loss"]) > 0
@@ -75,7 +96,9 @@ def test_a_tracked_run_is_registered_promoted_pulled_and_trains_a_torch_model(ml
     assert metaopt_main(["registry", "--tracking-uri", uri, "promote", "tiny-phnn", "1", "candidate"]) == 0
     assert metaopt_main(["registry", "--tracking-uri", uri, "show", "tiny-phnn"]) == 0
     assert "| 1 | @candidate | quadratic |" in capsys.readouterr().out
-    assert metaopt_main(["registry", "--tracking-uri", uri, "pull", "tiny-phnn@candidate", str(tmp_path / "pulled")]) == 0
+    assert (
+        metaopt_main(["registry", "--tracking-uri", uri, "pull", "tiny-phnn@candidate", str(tmp_path / "pulled")]) == 0
+    )
     assert (tmp_path / "pulled" / "optimizer.safetensors").exists()
 
     torch.manual_seed(0)
@@ -143,11 +166,22 @@ def test_the_embedded_sqlite_store_needs_no_server(tmp_path, monkeypatch, capsys
 def test_a_server_that_goes_down_mid_run_loses_nothing(mlflow_server, tmp_path):
     """Stops the real mlflow server by PID mid-run, restarts it, and replays the buffered writes."""
     server = mlflow_server
-    config = validate_config({
-        "task": {"kind": "quadratic"}, "optimizer": {"kind": "phnn"}, "device": "cpu",
-        "train": {"meta_steps": 8, "unroll": 5, "episode_length": 10, "batch_size": 4, "eval_every": 4,
-                  "eval_runs": 4, "checkpoint_every": 2},
-    })
+    config = validate_config(
+        {
+            "task": {"kind": "quadratic"},
+            "optimizer": {"kind": "phnn"},
+            "device": "cpu",
+            "train": {
+                "meta_steps": 8,
+                "unroll": 5,
+                "episode_length": 10,
+                "batch_size": 4,
+                "eval_every": 4,
+                "eval_runs": 4,
+                "checkpoint_every": 2,
+            },
+        }
+    )
     run_dir = tmp_path / "run"
     try:
         tracker = RunTracker(run_dir, server.uri)

@@ -23,11 +23,21 @@ from metaopt.config import ConfigError
 from metaopt.tune import load_search
 from metaopt.tune.space import PBT_MUTABLE
 
+pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
+
 TRAIN = {
     "task": {"kind": "quadratic", "dim": 6},
     "optimizer": {"kind": "phnn", "options": {"hidden": 4}},
-    "train": {"meta_steps": 8, "unroll": 5, "episode_length": 20, "batch_size": 8, "meta_lr": 0.003,
-              "eval_every": 2, "eval_runs": 8, "checkpoint_every": 4},
+    "train": {
+        "meta_steps": 8,
+        "unroll": 5,
+        "episode_length": 20,
+        "batch_size": 8,
+        "meta_lr": 0.003,
+        "eval_every": 2,
+        "eval_runs": 8,
+        "checkpoint_every": 4,
+    },
     "tracking": {"experiment": "tune-tests"},
     "evaluate": {"steps": 20, "runs": 10, "optimizers": [{"kind": "adam", "lr": 0.1}]},
 }
@@ -38,10 +48,19 @@ def write_search(folder: Path, search: dict | None = None, space: dict | None = 
     (folder / "train.yaml").write_text(yaml.safe_dump(TRAIN))
     spec = {
         "base": "train.yaml",
-        "search": {"samples": 4, "max_concurrent_trials": 2, "grace_period": 1, "compare_default": False,
-                   **(search or {})},
-        "space": {"optimizer.options.init_lr": {"choice": [0.01, 1e-6]},
-                  "optimizer.options.activation": {"choice": ["tanh", "relu"]}} if space is None else space,
+        "search": {
+            "samples": 4,
+            "max_concurrent_trials": 2,
+            "grace_period": 1,
+            "compare_default": False,
+            **(search or {}),
+        },
+        "space": {
+            "optimizer.options.init_lr": {"choice": [0.01, 1e-6]},
+            "optimizer.options.activation": {"choice": ["tanh", "relu"]},
+        }
+        if space is None
+        else space,
         **sections,
     }
     path = folder / "tune.yaml"
@@ -53,21 +72,41 @@ def write_search(folder: Path, search: dict | None = None, space: dict | None = 
     ("change", "message"),
     [
         ({"space": {}}, r"the search space is empty"),
-        ({"space": {"optimizer.options.hiden": {"choice": [4, 8]}}},
-         r"space\.optimizer\.options\.hiden = 4 is not a valid value:\n.*unknown option\(s\) hiden for optimizer 'phnn'"),
-        ({"space": {"train.estimator.kind": {"choice": ["tbptt", "es"]}}, "set": {"train.estimator.second_order": True}},
-         r"space\.train\.estimator\.kind = 'es' is not a valid value:\n.*second_order applies to kind: tbptt only"),
+        (
+            {"space": {"optimizer.options.hiden": {"choice": [4, 8]}}},
+            r"space\.optimizer\.options\.hiden = 4 is not a valid value:\n"
+            r".*unknown option\(s\) hiden for optimizer 'phnn'",
+        ),
+        (
+            {
+                "space": {"train.estimator.kind": {"choice": ["tbptt", "es"]}},
+                "set": {"train.estimator.second_order": True},
+            },
+            r"space\.train\.estimator\.kind = 'es' is not a valid value:\n.*second_order applies to kind: tbptt only",
+        ),
         ({"space": {"train.meta_lr": {"loguniform": [0.01, 0.001]}}}, r"loguniform needs low < high"),
-        ({"space": {"train.unroll": {"choice": [5, 40]}}}, r"train\.unroll = 40 is not a valid value:\n.*must not exceed"),
+        (
+            {"space": {"train.unroll": {"choice": [5, 40]}}},
+            r"train\.unroll = 40 is not a valid value:\n.*must not exceed",
+        ),
         ({"space": {"train.unroll": {"range": [5, 10]}}}, r"expected one of \{choice: \.\.\.\}"),
-        ({"space": {"train.unroll": {"choice": [5, 20]}, "train.episode_length": {"choice": [20, 10]}}},
-         r"every parameter at its highest value .* makes the config invalid:\n.*unroll \(20\) must not exceed "
-         r"episode_length \(10\)"),
+        (
+            {"space": {"train.unroll": {"choice": [5, 20]}, "train.episode_length": {"choice": [20, 10]}}},
+            r"every parameter at its highest value .* makes the config invalid:\n.*unroll \(20\) must not exceed "
+            r"episode_length \(10\)",
+        ),
         ({"search": {"scheduler": "pbt"}}, r"pbt needs a pbt section"),
-        ({"search": {"scheduler": "pbt"}, "pbt": {"mutations": {"optimizer.options.hidden": {"choice": [4, 8]}}}},
-         r"PBT can only change what may change mid-run"),
-        ({"search": {"searcher": "optuna", "scheduler": "pbt"}, "pbt": {"mutations": {"train.meta_lr": {"choice": [0.1]}}}},
-         r"pbt explores by itself"),
+        (
+            {"search": {"scheduler": "pbt"}, "pbt": {"mutations": {"optimizer.options.hidden": {"choice": [4, 8]}}}},
+            r"PBT can only change what may change mid-run",
+        ),
+        (
+            {
+                "search": {"searcher": "optuna", "scheduler": "pbt"},
+                "pbt": {"mutations": {"train.meta_lr": {"choice": [0.1]}}},
+            },
+            r"pbt explores by itself",
+        ),
     ],
 )
 def test_bad_searches_fail_before_any_trial_with_what_to_change(tmp_path, change, message):
@@ -88,11 +127,23 @@ def test_a_trial_the_cluster_cannot_host_fails_before_any_trial(ray_cluster, tmp
     spec = yaml.safe_load(path.read_text())
     spec["set"] = {"distributed": {"workers": 2, "num_cpus": 1}}  # + the learner's CPU: 3 > 2
     path.write_text(yaml.safe_dump(spec))
-    code = main(["tune", str(path), "--address", ray_cluster.address, "--output", str(tmp_path / "search"),
-                 "--no-tracking", "--no-progress"])
+    code = main(
+        [
+            "tune",
+            str(path),
+            "--address",
+            ray_cluster.address,
+            "--output",
+            str(tmp_path / "search"),
+            "--no-tracking",
+            "--no-progress",
+        ]
+    )
     assert code == 2
-    assert "one trial needs 3 CPU (search.trial_cpus + distributed.workers 2 × num_cpus 1.0) but the Ray cluster " \
-           "has 2" in capsys.readouterr().err
+    assert (
+        "one trial needs 3 CPU (search.trial_cpus + distributed.workers 2 × num_cpus 1.0) but the Ray cluster "
+        "has 2" in capsys.readouterr().err
+    )
     assert not list((tmp_path / "search").glob("meta_train_trial_*"))
 
 
@@ -105,11 +156,25 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 def test_tiny_asha_search_tracks_trials_and_registers_the_best(ray_cluster, mlflow_server, tmp_path, capsys):
     # Seed 11 samples init_lr 0.01, 0.01, 1e-6, 0.01: the third trial starts only when one of the first two
     # has finished every rung, so ASHA always has a better result to stop the slow one (1e-6) against.
-    path = write_search(tmp_path, {"seed": 11, "compare_default": True},
-                        space={"optimizer.options.init_lr": {"choice": [0.01, 1e-6]}})
+    path = write_search(
+        tmp_path, {"seed": 11, "compare_default": True}, space={"optimizer.options.init_lr": {"choice": [0.01, 1e-6]}}
+    )
     folder = tmp_path / "search"
-    code = main(["tune", str(path), "--address", ray_cluster.address, "--tracking-uri", mlflow_server.uri,
-                 "--register", "tiny-tuned", "--output", str(folder), "--no-progress"])
+    code = main(
+        [
+            "tune",
+            str(path),
+            "--address",
+            ray_cluster.address,
+            "--tracking-uri",
+            mlflow_server.uri,
+            "--register",
+            "tiny-tuned",
+            "--output",
+            str(folder),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     results = pd.read_parquet(folder / "results.parquet")
@@ -189,13 +254,32 @@ def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
         # PBT exploits only while both trials run (it ignores finished ones): long enough that the trials,
         # started a few seconds apart, overlap for several perturbation points (at 40 meta-steps, 1 of 8
         # runs had none).
-        path = write_search(tmp_path, {"samples": 2, "scheduler": "pbt"}, space={}, set={"train.meta_steps": 80},
-                            pbt={"perturbation_interval": 4,
-                                 "mutations": {"train.meta_lr": {"loguniform": [0.0001, 0.01]},
-                                               "train.unroll": {"choice": [4, 5]}}})
+        path = write_search(
+            tmp_path,
+            {"samples": 2, "scheduler": "pbt"},
+            space={},
+            set={"train.meta_steps": 80},
+            pbt={
+                "perturbation_interval": 4,
+                "mutations": {"train.meta_lr": {"loguniform": [0.0001, 0.01]}, "train.unroll": {"choice": [4, 5]}},
+            },
+        )
     folder = tmp_path / "search"
-    assert main(["tune", str(path), "--address", ray_cluster.address, "--output", str(folder), "--no-tracking",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                str(path),
+                "--address",
+                ray_cluster.address,
+                "--output",
+                str(folder),
+                "--no-tracking",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = pd.read_parquet(folder / "results.parquet")
     assert len(results) == 2 and (results["status"] == "completed").all(), results
     if searcher == "pbt":  # PBT restarted a trial from the other's checkpoint with new meta-hyperparameters
@@ -207,18 +291,33 @@ def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
 
 
 def test_a_killed_search_resumes_from_its_checkpoints(ray_cluster, tmp_path):
-    path = write_search(tmp_path, {"samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1}, space={
-        "optimizer.options.activation": {"choice": ["tanh", "relu"]}})
+    path = write_search(
+        tmp_path,
+        {"samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1},
+        space={"optimizer.options.activation": {"choice": ["tanh", "relu"]}},
+    )
     spec = yaml.safe_load(path.read_text())
     spec["set"] = {"train.meta_steps": 300, "train.eval_every": 10}
     path.write_text(yaml.safe_dump(spec))
     folder = tmp_path / "search"
-    command = [sys.executable, "-m", "metaopt.cli", "tune", str(path), "--address", ray_cluster.address,
-               "--output", str(folder), "--no-tracking", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "metaopt.cli",
+        "tune",
+        str(path),
+        "--address",
+        ray_cluster.address,
+        "--output",
+        str(folder),
+        "--no-tracking",
+        "--no-progress",
+    ]
     # Tune snapshots the experiment at most this often (default: adaptive, tens of seconds).
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                              start_new_session=True)
+    search = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while not (checkpointed := list(folder.glob("meta_train_trial_*/checkpoint_000002"))):
@@ -230,8 +329,21 @@ def test_a_killed_search_resumes_from_its_checkpoints(ray_cluster, tmp_path):
         search.wait()
     killed_at = time.time()
 
-    assert main(["tune", str(path), "--address", ray_cluster.address, "--resume", str(folder), "--no-tracking",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                str(path),
+                "--address",
+                ray_cluster.address,
+                "--resume",
+                str(folder),
+                "--no-tracking",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = pd.read_parquet(folder / "results.parquet")
     assert len(results) == 2 and (results["status"] == "completed").all(), results
     progress = [json.loads(line) for line in (checkpointed[0].parent / "result.json").read_text().splitlines()]

@@ -7,8 +7,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -72,8 +72,7 @@ def median(values: Sequence[float]) -> float:
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """``columns``: (key, header, format spec); a missing or None value prints as —."""
-    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         cells = []
         for key, _, spec in columns:

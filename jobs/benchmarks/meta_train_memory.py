@@ -44,14 +44,20 @@ def peak_resident_mb() -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def measure_one(unroll: int, checkpoint_steps: int, optimizees: int, kind: str, mnist_root: str,
-                device: torch.device) -> dict:
+def measure_one(
+    unroll: int, checkpoint_steps: int, optimizees: int, kind: str, mnist_root: str, device: torch.device
+) -> dict:
     """Peak memory of one meta-gradient over an ``unroll``-step truncation (run in a fresh process)."""
     family = MnistMLP(root=mnist_root, split="test", download=False, device=device)
     optimizer = make_optimizer(kind)
     estimator = TruncatedBackprop(
-        family, optimizer, seeds=lambda episode: optimizee_seeds(0, optimizees, "meta_train", stream=episode),
-        unroll_length=unroll, episode_length=unroll, checkpoint_steps=checkpoint_steps)
+        family,
+        optimizer,
+        seeds=lambda episode: optimizee_seeds(0, optimizees, "meta_train", stream=episode),
+        unroll_length=unroll,
+        episode_length=unroll,
+        checkpoint_steps=checkpoint_steps,
+    )
     meta_params = {k: v.to(device) for k, v in optimizer.init_meta_params(0).items()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,16 +74,38 @@ def measure_one(unroll: int, checkpoint_steps: int, optimizees: int, kind: str, 
     else:
         total = peak_resident_mb()
         peak = total
-    return {"unroll": unroll, "checkpoint_steps": checkpoint_steps, "checkpointing": checkpoint_steps > 0,
-            "optimizees": optimizees, "optimizer": kind, "device": device.type,
-            "peak_total_mb": total, "peak_above_baseline_mb": peak - baseline, "baseline_mb": baseline,
-            "meta_grad_norm": grad_norm, "meta_loss": estimate.meta_loss}
+    return {
+        "unroll": unroll,
+        "checkpoint_steps": checkpoint_steps,
+        "checkpointing": checkpoint_steps > 0,
+        "optimizees": optimizees,
+        "optimizer": kind,
+        "device": device.type,
+        "peak_total_mb": total,
+        "peak_above_baseline_mb": peak - baseline,
+        "baseline_mb": baseline,
+        "meta_grad_norm": grad_norm,
+        "meta_loss": estimate.meta_loss,
+    }
 
 
 def measure_in_subprocess(unroll: int, checkpoint_steps: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "jobs.benchmarks.meta_train_memory", "--one", str(unroll), str(checkpoint_steps),
-               "--optimizees", str(args.optimizees), "--kind", args.kind, "--mnist-root", args.mnist_root,
-               "--device", args.device]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.benchmarks.meta_train_memory",
+        "--one",
+        str(unroll),
+        str(checkpoint_steps),
+        "--optimizees",
+        str(args.optimizees),
+        "--kind",
+        args.kind,
+        "--mnist-root",
+        args.mnist_root,
+        "--device",
+        args.device,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
@@ -87,17 +115,22 @@ def measure_in_subprocess(unroll: int, checkpoint_steps: int, args: argparse.Nam
 def check_same_meta_gradient(rows: list[dict], rtol: float = 1e-4) -> None:
     """Checkpointed and plain runs of every unroll agree on the meta-gradient (norm) and loss."""
     for unroll in {row["unroll"] for row in rows}:
-        plain, checkpointed = (next(r for r in rows if r["unroll"] == unroll and r["checkpointing"] == on)
-                               for on in (False, True))
+        plain, checkpointed = (
+            next(r for r in rows if r["unroll"] == unroll and r["checkpointing"] == on) for on in (False, True)
+        )
         for key in ("meta_grad_norm", "meta_loss"):
             if not math.isclose(plain[key], checkpointed[key], rel_tol=rtol):
-                raise AssertionError(f"unroll {unroll}: checkpointing changed {key} "
-                                     f"({plain[key]!r} vs {checkpointed[key]!r})")
+                raise AssertionError(
+                    f"unroll {unroll}: checkpointing changed {key} ({plain[key]!r} vs {checkpointed[key]!r})"
+                )
 
 
 COLUMNS = [
-    ("unroll", "unroll", "d"), ("checkpointing", "checkpointing", ""), ("checkpoint_steps", "chunk (steps)", "d"),
-    ("peak_above_baseline_mb", "peak above baseline (MiB)", ",.0f"), ("peak_total_mb", "peak total (MiB)", ",.0f"),
+    ("unroll", "unroll", "d"),
+    ("checkpointing", "checkpointing", ""),
+    ("checkpoint_steps", "chunk (steps)", "d"),
+    ("peak_above_baseline_mb", "peak above baseline (MiB)", ",.0f"),
+    ("peak_total_mb", "peak total (MiB)", ",.0f"),
     ("vs_unroll_20", "× unroll 20 (same setting)", ".2f"),
 ]
 
@@ -111,8 +144,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="phnn", choices=["phnn", "hnn_seed", "lstm"])
     p.add_argument("--mnist-root", default="../shared/datasets", help="folder holding MNIST/raw/ (test split)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--one", type=int, nargs=2, metavar=("UNROLL", "CHECKPOINT_STEPS"),
-                   help=argparse.SUPPRESS)  # internal: measure one configuration in this process
+    p.add_argument(
+        "--one", type=int, nargs=2, metavar=("UNROLL", "CHECKPOINT_STEPS"), help=argparse.SUPPRESS
+    )  # internal: measure one configuration in this process
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_DIR / "meta_train_memory.json"))
     return p
 
@@ -121,15 +155,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
     args.optimizees = args.optimizees or (2 if args.quick else 16)
     if args.one:
-        print(json.dumps(measure_one(*args.one, args.optimizees, args.kind, args.mnist_root,
-                                     resolve_device(args.device))))
+        print(
+            json.dumps(measure_one(*args.one, args.optimizees, args.kind, args.mnist_root, resolve_device(args.device)))
+        )
         return []
     rows = []
     for checkpoint_steps in (0, args.checkpoint_steps):
         for unroll in args.unrolls:
             rows.append(measure_in_subprocess(unroll, checkpoint_steps, args))
-            print(f"  unroll {unroll} checkpoint {checkpoint_steps}: "
-                  f"{rows[-1]['peak_above_baseline_mb']:.0f} MiB", flush=True)
+            print(
+                f"  unroll {unroll} checkpoint {checkpoint_steps}: {rows[-1]['peak_above_baseline_mb']:.0f} MiB",
+                flush=True,
+            )
     check_same_meta_gradient(rows)
     for row in rows:
         reference = next((r for r in rows if r["unroll"] == 20 and r["checkpointing"] == row["checkpointing"]), None)

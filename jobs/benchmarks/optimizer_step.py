@@ -90,26 +90,41 @@ def measure(name: str, build, size: int, device: torch.device, warmup: int, repe
     return row
 
 
-def run(sizes: list[int], kinds: list[str], compiled: list[str], device: torch.device, warmup: int,
-        repeats: int, fused_only: frozenset[str] = frozenset()) -> list[dict]:
+def run(
+    sizes: list[int],
+    kinds: list[str],
+    compiled: list[str],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    fused_only: frozenset[str] = frozenset(),
+) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-step-") as scratch:
         checkpoints = {kind: learned_checkpoint(kind, Path(scratch)) for kind in set(kinds) | set(compiled)}
         for size in sizes:
-            builders = {name: (lambda params, options=options: torch.optim.Adam(params, lr=1e-3, **options))
-                        for name, options in adam_variants(device).items()}
+            builders = {
+                name: (lambda params, options=options: torch.optim.Adam(params, lr=1e-3, **options))
+                for name, options in adam_variants(device).items()
+            }
             for kind in kinds:
                 if kind not in fused_only:
-                    builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(checkpoints[kind], params,
-                                                                                      fused=False)
+                    builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(
+                        checkpoints[kind], params, fused=False
+                    )
                 if LEARNED[kind].fused_kernel and device.type == "cpu":
                     builders[f"{kind} (fused)"] = lambda params, kind=kind: metaopt.load_optimizer(
-                        checkpoints[kind], params, fused=True)
+                        checkpoints[kind], params, fused=True
+                    )
             for kind in compiled:
                 builders[f"{kind} (compiled)"] = lambda params, kind=kind: metaopt.load_optimizer(
-                    checkpoints[kind], params, compile=True)
-            size_rows = [row for name, build in builders.items()
-                         if (row := measure(name, build, size, device, warmup, repeats)) is not None]
+                    checkpoints[kind], params, compile=True
+                )
+            size_rows = [
+                row
+                for name, build in builders.items()
+                if (row := measure(name, build, size, device, warmup, repeats)) is not None
+            ]
             adam = next(row for row in size_rows if row["optimizer"] == "adam (foreach)")
             for row in size_rows:
                 row["time_vs_adam_foreach"] = row["step_ms"] / adam["step_ms"]
@@ -120,24 +135,40 @@ def run(sizes: list[int], kinds: list[str], compiled: list[str], device: torch.d
 
 
 COLUMNS = [
-    ("params", "parameters", ",d"), ("device", "device", ""), ("optimizer", "optimizer", ""),
-    ("step_ms", "step (ms)", ".3g"), ("time_vs_adam_foreach", "× Adam foreach", ".2f"),
-    ("state_mb", "state (MiB)", ".3g"), ("state_vs_adam", "state × Adam", ".2f"),
+    ("params", "parameters", ",d"),
+    ("device", "device", ""),
+    ("optimizer", "optimizer", ""),
+    ("step_ms", "step (ms)", ".3g"),
+    ("time_vs_adam_foreach", "× Adam foreach", ".2f"),
+    ("state_mb", "state (MiB)", ".3g"),
+    ("state_vs_adam", "state × Adam", ".2f"),
     ("step_peak_extra_mb", "peak extra in step (MiB, CUDA)", ".3g"),
 ]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CPU-sized: batched lstm only up to 10^6 parameters (its fused step at every size), "
-                        "compiled phnn only at 10^6, fewer repeats")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU-sized: batched lstm only up to 10^6 parameters (its fused step at every size), "
+        "compiled phnn only at 10^6, fewer repeats",
+    )
     p.add_argument("--sizes", type=int, nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     p.add_argument("--kinds", nargs="+", choices=LEARNED_KINDS, default=list(LEARNED_KINDS))
-    p.add_argument("--compile", nargs="*", choices=LEARNED_KINDS, default=["phnn"],
-                   help="learned kinds also timed with compile=True (torch.compile)")
-    p.add_argument("--device", nargs="+", default=["cpu", "auto"],
-                   help="devices to measure (auto: CUDA when present; duplicates are dropped)")
+    p.add_argument(
+        "--compile",
+        nargs="*",
+        choices=LEARNED_KINDS,
+        default=["phnn"],
+        help="learned kinds also timed with compile=True (torch.compile)",
+    )
+    p.add_argument(
+        "--device",
+        nargs="+",
+        default=["cpu", "auto"],
+        help="devices to measure (auto: CUDA when present; duplicates are dropped)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, help="timed steps (default 5 quick, 20 full)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_DIR / "optimizer_step.json"))
@@ -157,8 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run([size], args.kinds, compiled, device, args.warmup, repeats, fused_only)
     print("\n## Optimizer step cost (median step) and state memory\n")
     print(markdown_table(rows, COLUMNS))
-    path = write_json(args.output, "optimizer_step",
-                      {**vars(args), "devices": [str(d) for d in devices], "repeats": repeats}, rows)
+    path = write_json(
+        args.output, "optimizer_step", {**vars(args), "devices": [str(d) for d in devices], "repeats": repeats}, rows
+    )
     print(f"\nwrote {path}")
     return rows
 

@@ -48,9 +48,9 @@ class MnistOptimizee(nn.Module):
         for index, (fan_in, fan_out) in enumerate(family.layer_shapes):
             linear = nn.Linear(fan_in, fan_out, device=flat_params.device)
             with torch.no_grad():  # metaopt's flat layout: weight [fan_in, fan_out] row-major, then bias
-                linear.weight.copy_(flat_params[offset:offset + fan_in * fan_out].view(fan_in, fan_out).T)
+                linear.weight.copy_(flat_params[offset : offset + fan_in * fan_out].view(fan_in, fan_out).T)
                 offset += fan_in * fan_out
-                linear.bias.copy_(flat_params[offset:offset + fan_out])
+                linear.bias.copy_(flat_params[offset : offset + fan_out])
                 offset += fan_out
             layers.append(linear)
             if index < len(family.layer_shapes) - 1:
@@ -98,20 +98,23 @@ class ReferenceTrainer:
         self.modules, self.params, self.states = [], [], []
         for b in range(len(seeds)):
             if isinstance(self.family, Quadratic):
-                module = QuadraticOptimizee(self.optimizees.data["W"][b], self.optimizees.data["y"][b],
-                                            self.optimizees.params[b])
+                module = QuadraticOptimizee(
+                    self.optimizees.data["W"][b], self.optimizees.data["y"][b], self.optimizees.params[b]
+                )
             else:
                 module = MnistOptimizee(self.family, self.optimizees.params[b])
             self.modules.append(module)
             self.params.append({name: p.detach() for name, p in module.named_parameters()})
-            self.states.append({name: self.optimizer.init_state(p.reshape(-1)) for name, p in module.named_parameters()})
+            self.states.append(
+                {name: self.optimizer.init_state(p.reshape(-1)) for name, p in module.named_parameters()}
+            )
         self.step = 0
 
     def _loss(self, b: int, params: dict[str, Tensor], step: int) -> Tensor:
         """Optimizee ``b``'s loss at ``params`` on its minibatch for ``step``."""
         if isinstance(self.family, Quadratic):
             return torch.func.functional_call(self.modules[b], params, ())
-        one = Optimizees(self.optimizees.seeds[b:b + 1], self.optimizees.params[b:b + 1])
+        one = Optimizees(self.optimizees.seeds[b : b + 1], self.optimizees.params[b : b + 1])
         batch = self.family.batch(one, step)
         return torch.func.functional_call(self.modules[b], params, (batch["x"][0], batch["y"][0]))
 
@@ -146,8 +149,10 @@ class ReferenceTrainer:
             self.params[b] = {name: p.detach() for name, p in params.items()}
             self.states[b] = {name: {k: v.detach() for k, v in s.items()} for name, s in states.items()}
         self.step += length
-        grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                 for name, p in self.network.named_parameters()}
+        grads = {
+            name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for name, p in self.network.named_parameters()
+        }
         return grads, total / (length * len(self.modules))
 
     def meta_gradient_step(self) -> float:

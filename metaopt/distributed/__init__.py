@@ -11,5 +11,4 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 from metaopt.distributed.learner import WorkerGroup, ray_connection, ray_workers, worker_resources  # noqa: E402
 from metaopt.distributed.worker import RolloutWorker, flatten, unflatten  # noqa: E402
 
-__all__ = ["RolloutWorker", "WorkerGroup", "flatten", "ray_connection", "ray_workers", "unflatten",
-           "worker_resources"]
+__all__ = ["RolloutWorker", "WorkerGroup", "flatten", "ray_connection", "ray_workers", "unflatten", "worker_resources"]

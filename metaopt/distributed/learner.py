@@ -24,8 +24,8 @@ import math
 import statistics
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import ray
@@ -50,18 +50,23 @@ def worker_resources(dist: DistributedConfig, resources: dict[str, float]) -> di
     for name, amount in dist.resources.items():
         need, have = dist.workers * amount, resources.get(name, 0.0)
         if need > have:
-            custom = ", ".join(f"{key}={value:g}" for key, value in sorted(resources.items())
-                               if key not in RAY_RESOURCES and not key.startswith(("node:", "accelerator_type:")))
+            custom = ", ".join(
+                f"{key}={value:g}"
+                for key, value in sorted(resources.items())
+                if key not in RAY_RESOURCES and not key.startswith(("node:", "accelerator_type:"))
+            )
             raise ConfigError(
                 f"distributed.workers={dist.workers} × resources.{name}={amount:g} needs {need:g} {name} but "
                 f"the Ray cluster has {have:g} (its custom resources: {custom or 'none'}); start nodes with "
-                f"ray start --resources='{{\"{name}\": N}}', or change distributed.resources or workers")
+                f"ray start --resources='{{\"{name}\": N}}', or change distributed.resources or workers"
+            )
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     if dist.workers * dist.num_cpus > cpus:
         raise ConfigError(
             f"distributed.workers={dist.workers} × num_cpus={dist.num_cpus} needs "
             f"{dist.workers * dist.num_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower "
-            "distributed.workers or distributed.num_cpus, or add nodes")
+            "distributed.workers or distributed.num_cpus, or add nodes"
+        )
     if dist.num_gpus == "auto":
         num_gpus = math.floor(min(1.0, gpus / dist.workers) * 1e4) / 1e4 if gpus else 0.0
     else:
@@ -70,7 +75,8 @@ def worker_resources(dist: DistributedConfig, resources: dict[str, float]) -> di
         raise ConfigError(
             f"distributed.workers={dist.workers} × num_gpus={dist.num_gpus} needs "
             f"{dist.workers * dist.num_gpus:g} GPUs but the Ray cluster has {gpus:g}; set "
-            "distributed.num_gpus: auto (or 0 on a cluster without GPUs), or a smaller fraction")
+            "distributed.num_gpus: auto (or 0 on a cluster without GPUs), or a smaller fraction"
+        )
     return {"CPU": float(dist.num_cpus), **({"GPU": num_gpus} if num_gpus else {}), **dist.resources}
 
 
@@ -85,8 +91,12 @@ class WorkerGroup:
         data = task_data(config.task, "meta_train")
         data_ref = ray.put(data) if data is not None else None  # once; Ray copies it to each node once
         actor = ray.remote(RolloutWorker).options(
-            num_cpus=reserved["CPU"], num_gpus=reserved.get("GPU", 0.0), resources=dist.resources,
-            max_restarts=dist.max_restarts, max_task_retries=0)
+            num_cpus=reserved["CPU"],
+            num_gpus=reserved.get("GPU", 0.0),
+            resources=dist.resources,
+            max_restarts=dist.max_restarts,
+            max_task_retries=0,
+        )
         threads = max(1, int(dist.num_cpus))
         self.workers = [
             actor.remote(config.model_dump(), index, dist.workers, data_ref, threads) for index in range(dist.workers)
@@ -102,7 +112,6 @@ class WorkerGroup:
         self.idle = set(self.alive)
         self.failures = self.stale_dropped = 0
         ray.get([w.where.remote() for w in self.workers])  # constructed (data loaded) before the clock starts
-
 
     # --- GradientSource -------------------------------------------------------------------------
 
@@ -147,10 +156,17 @@ class WorkerGroup:
             warnings.warn(
                 f"the checkpoint's optimizee state is from {len(saved_states) or 'no'} Ray worker(s) (of {started} "
                 f"started), this run has {len(self.alive)} (of {self.config.distributed.workers}): the "
-                "meta-parameters and meta-optimizer resume exactly, the workers start fresh episodes", stacklevel=2)
+                "meta-parameters and meta-optimizer resume exactly, the workers start fresh episodes",
+                stacklevel=2,
+            )
             return
-        ray.get([self.workers[i].load_state_dict.remote(state)
-                 for i, state in zip(self.alive, saved["workers"]) if state is not None])
+        ray.get(
+            [
+                self.workers[i].load_state_dict.remote(state)
+                for i, state in zip(self.alive, saved["workers"])
+                if state is not None
+            ]
+        )
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -168,9 +184,12 @@ class WorkerGroup:
         if not self.alive:
             raise RuntimeError(
                 f"every Ray RolloutWorker was dropped, the last because {why}; see the worker logs (ray logs, "
-                "or the job's log), and raise distributed.max_restarts if they were preempted")
-        warnings.warn(f"dropped Ray RolloutWorker {index} because {why}; the run goes on with "
-                      f"{len(self.alive)} of {len(self.workers)} workers")
+                "or the job's log), and raise distributed.max_restarts if they were preempted"
+            )
+        warnings.warn(
+            f"dropped Ray RolloutWorker {index} because {why}; the run goes on with "
+            f"{len(self.alive)} of {len(self.workers)} workers"
+        )
 
     def _ready(self, index: int) -> bool:
         """Whether worker ``index`` can take work now; never blocks. A worker that failed is asked
@@ -191,8 +210,11 @@ class WorkerGroup:
                 pass
         timeout = self.config.distributed.restart_timeout
         if time.monotonic() - self.down[index] > timeout:
-            self._drop(index, f"it has not answered for {timeout:g} s since it failed (distributed.restart_timeout): "
-                       "no node may have room to restart it, e.g. its node is gone and its resources are nowhere else")
+            self._drop(
+                index,
+                f"it has not answered for {timeout:g} s since it failed (distributed.restart_timeout): "
+                "no node may have room to restart it, e.g. its node is gone and its resources are nowhere else",
+            )
         return False
 
     def _submit(self, index: int, params_ref: ray.ObjectRef) -> ray.ObjectRef:

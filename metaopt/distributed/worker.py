@@ -32,8 +32,10 @@ def unflatten(flat: np.ndarray, like: MetaParams, device: torch.device | str = "
         raise ValueError(f"flat array has {flat.size} values; the optimizer has {expected} meta-parameters")
     tensor = torch.from_numpy(np.array(flat, dtype=np.float32, copy=True)).to(device)
     sizes = [value.numel() for value in like.values()]
-    return {name: chunk.reshape(value.shape).to(value.dtype)
-            for (name, value), chunk in zip(like.items(), tensor.split(sizes))}
+    return {
+        name: chunk.reshape(value.shape).to(value.dtype)
+        for (name, value), chunk in zip(like.items(), tensor.split(sizes))
+    }
 
 
 class RolloutWorker:

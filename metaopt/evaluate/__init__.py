@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -69,5 +69,13 @@ def run_evaluation(
     return results, table
 
 
-__all__ = ["Candidate", "Result", "candidate_for", "compare", "default_output_dir", "rollout_losses", "run_evaluation",
-           "stretched_to"]
+__all__ = [
+    "Candidate",
+    "Result",
+    "candidate_for",
+    "compare",
+    "default_output_dir",
+    "rollout_losses",
+    "run_evaluation",
+    "stretched_to",
+]

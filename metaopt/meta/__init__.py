@@ -6,6 +6,16 @@ from metaopt.meta.trainer import MetaTrainer
 from metaopt.meta.unroll import UnrollState, start_episode, unroll
 
 __all__ = [
-    "AntitheticES", "CheckpointError", "Estimate", "Estimator", "MetaTrainer", "TruncatedBackprop",
-    "UnrollState", "load_checkpoint", "make_estimator", "save_checkpoint", "start_episode", "unroll",
+    "AntitheticES",
+    "CheckpointError",
+    "Estimate",
+    "Estimator",
+    "MetaTrainer",
+    "TruncatedBackprop",
+    "UnrollState",
+    "load_checkpoint",
+    "make_estimator",
+    "save_checkpoint",
+    "start_episode",
+    "unroll",
 ]

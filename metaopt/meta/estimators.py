@@ -12,8 +12,9 @@ meta-gradient for the current meta-parameters:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -50,8 +51,9 @@ class GradientSource(Protocol):
 class Estimator:
     """Carries optimizee state across truncations; ``estimate`` gives the next meta-gradient."""
 
-    def __init__(self, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int,
-                 episode_length: int):
+    def __init__(
+        self, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int, episode_length: int
+    ):
         self.family = family
         self.optimizer = optimizer
         self.seeds = seeds
@@ -117,8 +119,9 @@ class TruncatedBackprop(Estimator):
         state = self._state_for_step()
         leaves = {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
         length = self._length(state)
-        losses, new_state = unroll(self.family, self.optimizer.update, leaves, state, length, self.second_order,
-                                   self.checkpoint_steps)
+        losses, new_state = unroll(
+            self.family, self.optimizer.update, leaves, state, length, self.second_order, self.checkpoint_steps
+        )
         meta_loss = losses.mean(dim=1).sum()
         grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
         self.state = new_state.detached()
@@ -132,8 +135,9 @@ class TruncatedBackprop(Estimator):
 class AntitheticES(Estimator):
     """Antithetic ES over ``pairs`` perturbation pairs of scale ``sigma``; PES when ``persistent``."""
 
-    def __init__(self, *args, pairs: int = 8, sigma: float = 0.01, persistent: bool = False,
-                 generator_seed: int = 0, **kwargs):
+    def __init__(
+        self, *args, pairs: int = 8, sigma: float = 0.01, persistent: bool = False, generator_seed: int = 0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.pairs = pairs
         self.sigma = sigma
@@ -161,8 +165,7 @@ class AntitheticES(Estimator):
         }
         perturbed = {k: torch.cat([v + noise[k], v - noise[k]]) for k, v in meta_params.items()}
         if self.persistent:
-            self.accumulated = noise if self.accumulated is None else {
-                k: self.accumulated[k] + noise[k] for k in noise}
+            self.accumulated = noise if self.accumulated is None else {k: self.accumulated[k] + noise[k] for k in noise}
         direction = self.accumulated if self.persistent else noise
         particles = 2 * self.pairs
         per_particle = len(state.optimizees) // particles
@@ -170,7 +173,8 @@ class AntitheticES(Estimator):
         def update(params_: MetaParams, grads: Tensor, opt_state, step: int):
             split = lambda t: t.reshape(particles, per_particle, *t.shape[1:])  # noqa: E731
             updates, new_state = self.optimizer.update_particles(
-                params_, split(grads), {k: split(v) for k, v in opt_state.items()}, step)
+                params_, split(grads), {k: split(v) for k, v in opt_state.items()}, step
+            )
             merge = lambda t: t.reshape(particles * per_particle, *t.shape[2:])  # noqa: E731
             return merge(updates), {k: merge(v) for k, v in new_state.items()}
 
@@ -179,7 +183,7 @@ class AntitheticES(Estimator):
             losses, new_state = unroll(self.family, update, perturbed, state, length)
         self.state = new_state.detached()
         particle_loss = losses.reshape(length, particles, per_particle).mean(dim=(0, 2))  # [2·pairs]
-        difference = particle_loss[: self.pairs] - particle_loss[self.pairs:]  # [pairs]
+        difference = particle_loss[: self.pairs] - particle_loss[self.pairs :]  # [pairs]
         scale = length / (2 * self.sigma**2 * self.pairs)
         grads = {k: scale * torch.einsum("p,p...->...", difference, direction[k]) for k in meta_params}
         return Estimate(grads, float(particle_loss.mean()), length * len(state.optimizees))
@@ -196,13 +200,23 @@ class AntitheticES(Estimator):
         self.accumulated = dict(saved["accumulated"]) if "accumulated" in saved else None
 
 
-def make_estimator(config, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int,
-                   episode_length: int, seed: int = 0, checkpoint_steps: int = 0) -> Estimator:
+def make_estimator(
+    config,
+    family: TaskFamily,
+    optimizer: Optimizer,
+    seeds: SeedsFn,
+    unroll_length: int,
+    episode_length: int,
+    seed: int = 0,
+    checkpoint_steps: int = 0,
+) -> Estimator:
     """The estimator an ``EstimatorConfig`` describes; ``checkpoint_steps`` > 0 turns on activation
     checkpointing of truncated backprop's unroll in chunks of that many steps."""
-    common = dict(family=family, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length,
-                  episode_length=episode_length)
+    common = dict(
+        family=family, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length, episode_length=episode_length
+    )
     if config.kind == "tbptt":
         return TruncatedBackprop(**common, second_order=config.second_order, checkpoint_steps=checkpoint_steps)
-    return AntitheticES(**common, pairs=config.pairs, sigma=config.sigma, persistent=config.kind == "pes",
-                        generator_seed=seed)
+    return AntitheticES(
+        **common, pairs=config.pairs, sigma=config.sigma, persistent=config.kind == "pes", generator_seed=seed
+    )

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from metaopt.config import Config, resolve_device
 from metaopt.meta.checkpoint import (
-    CheckpointError, list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
 )
 from metaopt.meta.estimators import Estimator, GradientSource, make_estimator
 from metaopt.meta.unroll import mean_final_loss, rollout_losses
@@ -29,8 +33,9 @@ CheckpointFn = Callable[[Path, dict[str, float]], None]  # (checkpoint folder, t
 BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
-def share_estimator(config: Config, family: TaskFamily, optimizer: Optimizer, worker: int = 0,
-                    workers: int = 1) -> Estimator:
+def share_estimator(
+    config: Config, family: TaskFamily, optimizer: Optimizer, worker: int = 0, workers: int = 1
+) -> Estimator:
     """The estimator of worker ``worker`` of ``workers``: its equal, contiguous share of every
     episode's ``train.batch_size`` meta-train optimizees (all of them for one worker)."""
     train = config.train
@@ -38,11 +43,18 @@ def share_estimator(config: Config, family: TaskFamily, optimizer: Optimizer, wo
 
     def seeds(episode: int) -> list[int]:
         every = optimizee_seeds(train.seed, train.batch_size, "meta_train", stream=episode)
-        return every[worker * share:(worker + 1) * share]
+        return every[worker * share : (worker + 1) * share]
 
-    return make_estimator(train.estimator, family, optimizer, seeds=seeds, unroll_length=train.unroll,
-                          episode_length=train.episode_length, seed=train.seed + 7919 * worker,
-                          checkpoint_steps=train.unroll_checkpoint_steps)
+    return make_estimator(
+        train.estimator,
+        family,
+        optimizer,
+        seeds=seeds,
+        unroll_length=train.unroll,
+        episode_length=train.episode_length,
+        seed=train.seed + 7919 * worker,
+        checkpoint_steps=train.unroll_checkpoint_steps,
+    )
 
 
 class MetaTrainer:
@@ -64,14 +76,14 @@ class MetaTrainer:
         self.heldout_family = make_task(config.task, "meta_test", self.device)
         # Validation optimizees: meta-test ones from their own seed stream (1), so choosing the best
         # checkpoint never sees the optimizees of the final comparison (stream 0).
-        self.heldout = self.heldout_family.sample(
-            optimizee_seeds(train.seed, train.eval_runs, "meta_test", stream=1))
+        self.heldout = self.heldout_family.sample(optimizee_seeds(train.seed, train.eval_runs, "meta_test", stream=1))
         self.meta_params: MetaParams = {
             k: v.to(self.device).requires_grad_(True) for k, v in self.optimizer.init_meta_params(train.seed).items()
         }
         self.meta_optimizer = torch.optim.Adam(list(self.meta_params.values()), lr=train.meta_lr)
         self.estimator = gradient_source or share_estimator(
-            config, make_task(config.task, "meta_train", self.device), self.optimizer)
+            config, make_task(config.task, "meta_train", self.device), self.optimizer
+        )
         self.meta_step = 0
         self.skipped = 0
         self.best_heldout = math.inf
@@ -110,24 +122,31 @@ class MetaTrainer:
     def heldout_loss(self) -> float:
         """Mean final loss of the current optimizer on the fixed held-out optimizees."""
         meta_params = {k: v.detach() for k, v in self.meta_params.items()}
-        losses = rollout_losses(self.heldout_family, self.optimizer, meta_params, self.heldout,
-                                self.config.train.episode_length)
+        losses = rollout_losses(
+            self.heldout_family, self.optimizer, meta_params, self.heldout, self.config.train.episode_length
+        )
         return mean_final_loss(losses)
 
     @property
     def best_checkpoint(self) -> Path:
         return self.checkpoint_dir / BEST
 
-    def train(self, show_progress: bool = True, on_metrics: MetricsFn | None = None,
-              on_checkpoint: CheckpointFn | None = None) -> Path:
+    def train(
+        self, show_progress: bool = True, on_metrics: MetricsFn | None = None, on_checkpoint: CheckpointFn | None = None
+    ) -> Path:
         """Meta-train until ``train.meta_steps``; return the final checkpoint (``best_checkpoint``
         holds the one with the lowest validation loss). ``on_checkpoint`` sees every periodic one."""
         train = self.config.train
         if self.meta_step == 0:  # the initialisation competes for best too
             self.best_heldout = self.heldout_loss()
             self.save(name=BEST)
-        bar = tqdm(total=train.meta_steps, initial=self.meta_step, desc="meta-train", unit="meta-step",
-                   disable=not show_progress)
+        bar = tqdm(
+            total=train.meta_steps,
+            initial=self.meta_step,
+            desc="meta-train",
+            unit="meta-step",
+            disable=not show_progress,
+        )
         while self.meta_step < train.meta_steps:
             metrics = self.meta_gradient_step()
             if self.meta_step % train.eval_every == 0 or self.meta_step == train.meta_steps:
@@ -139,9 +158,11 @@ class MetaTrainer:
             if on_metrics:
                 on_metrics(self.meta_step, metrics)
             bar.update(1)
-            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4g}",
-                            steps_per_s=f"{metrics['optimizee_steps_per_s']:.0f}",
-                            **({"heldout": f"{metrics['heldout_loss']:.4g}"} if "heldout_loss" in metrics else {}))
+            bar.set_postfix(
+                meta_loss=f"{metrics['meta_loss']:.4g}",
+                steps_per_s=f"{metrics['optimizee_steps_per_s']:.0f}",
+                **({"heldout": f"{metrics['heldout_loss']:.4g}"} if "heldout_loss" in metrics else {}),
+            )
             if self.meta_step % train.checkpoint_every == 0 or self.meta_step == train.meta_steps:
                 checkpoint = self.save()
                 if on_checkpoint:
@@ -158,7 +179,10 @@ class MetaTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(self.history).to_parquet(self.run_dir / "metrics.parquet", index=False)
         return save_checkpoint(
-            self.checkpoint_dir, self.meta_step, self.optimizer, self.meta_params,
+            self.checkpoint_dir,
+            self.meta_step,
+            self.optimizer,
+            self.meta_params,
             trainer_state={
                 "meta_step": self.meta_step,
                 "skipped": self.skipped,
@@ -200,7 +224,9 @@ class MetaTrainer:
         if metrics_file.exists():
             import pandas as pd
 
-            self.history = [r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step]
+            self.history = [
+                r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step
+            ]
 
 
 def to_device(value, device: torch.device):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -66,15 +66,35 @@ def unroll(
         names = list(meta_params)
 
         def run(values, params, opt_state, start, count, track_chunk):
-            return _steps(family, update, dict(zip(names, values)), state.optimizees, params, opt_state,
-                          state.step + start, count, second_order and track_chunk, track_chunk)
+            return _steps(
+                family,
+                update,
+                dict(zip(names, values)),
+                state.optimizees,
+                params,
+                opt_state,
+                state.step + start,
+                count,
+                second_order and track_chunk,
+                track_chunk,
+            )
 
         final: dict = {}
         losses = _CheckpointedUnroll.apply(run, state, length, checkpoint_steps, final, *meta_params.values())
         return losses, UnrollState(state.optimizees, final["params"], final["opt_state"], state.step + length)
     with torch.enable_grad():
-        losses, params, opt_state = _steps(family, update, meta_params, state.optimizees, state.params,
-                                           state.opt_state, state.step, length, second_order and track, track)
+        losses, params, opt_state = _steps(
+            family,
+            update,
+            meta_params,
+            state.optimizees,
+            state.params,
+            state.opt_state,
+            state.step,
+            length,
+            second_order and track,
+            track,
+        )
     return losses, UnrollState(state.optimizees, params, opt_state, state.step + length)
 
 
@@ -143,11 +163,12 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 losses, end_params, end_state = ctx.run(values, params, opt_state, start, count, True)
                 outputs = [losses] + ([end_params, *end_state.values()] if carried else [])
                 inputs = values + [params, *opt_state.values()]
-                grads = torch.autograd.grad(outputs, inputs, [grad_losses[start:start + count], *carried],
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    outputs, inputs, [grad_losses[start : start + count], *carried], allow_unused=True
+                )
             grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
-            meta_grads = [total + g for total, g in zip(meta_grads, grads[:len(values)])]
-            carried = grads[len(values):]
+            meta_grads = [total + g for total, g in zip(meta_grads, grads[: len(values)])]
+            carried = grads[len(values) :]
         return (None, None, None, None, None, *meta_grads)
 
 

@@ -43,33 +43,41 @@ class Optimizer(ABC):
         """Per-coordinate state for parameters shaped like ``params``."""
 
     @abstractmethod
-    def update(
-        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
-    ) -> tuple[Tensor, OptState]:
+    def update(self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int) -> tuple[Tensor, OptState]:
         """Additive updates for ``grads`` at 0-based ``step`` and the next state."""
 
-    def fused_step(self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState,
-                   step: int, lr: float) -> None:
+    def fused_step(
+        self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float
+    ) -> None:
         """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
         overwritten, in one pass of the native kernel ``fused_kernel``. Raises ``FusedUnsupported``
         for inputs or options it does not take and ``NativeUnavailable`` where it cannot be built."""
         weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
-        run_fused(self.fused_kernel, params, grads, [state[key] for key in self.init_state(torch.zeros(0))],
-                  weights, shape, scalars)
+        run_fused(
+            self.fused_kernel,
+            params,
+            grads,
+            [state[key] for key in self.init_state(torch.zeros(0))],
+            weights,
+            shape,
+            scalars,
+        )
 
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         """The kernel's packed weights, shape and scalars; ``FusedUnsupported`` for options it does not take."""
         raise FusedUnsupported(f"optimizer {self.kind!r} has no fused step")
 
-    def update_no_grad(self, meta_params: MetaParams, grads: Tensor, state: OptState,
-                       step: int) -> tuple[Tensor, OptState]:
+    def update_no_grad(
+        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
+    ) -> tuple[Tensor, OptState]:
         """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
         takes the tensors (float32 CPU, the options it covers), else ``update``."""
         if self.fused_kernel is not None:
             keys = list(state)
             try:
-                updates, new_states = _run_fused_update(self.fused_kernel, self._fused_inputs(meta_params, step, 1.0),
-                                                        grads, [state[key] for key in keys])
+                updates, new_states = _run_fused_update(
+                    self.fused_kernel, self._fused_inputs(meta_params, step, 1.0), grads, [state[key] for key in keys]
+                )
                 return updates, dict(zip(keys, new_states))
             except FusedUnsupported:
                 pass
@@ -77,19 +85,27 @@ class Optimizer(ABC):
                 _warn_batched(self.kind, error)
         return self.update(meta_params, grads, state, step)
 
-    def update_particles(self, meta_params: MetaParams, grads: Tensor, state: OptState,
-                         step: int) -> tuple[Tensor, OptState]:
+    def update_particles(
+        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
+    ) -> tuple[Tensor, OptState]:
         """``update_no_grad`` for P particles that each have their own meta-parameters: every tensor
         argument has a leading axis of size P. Vectorised with ``torch.func.vmap``, except where the fused
         kernel takes the options and tensors (float32 CPU): it then runs once per particle."""
         particles = [{k: v[i] for k, v in meta_params.items()} for i in range(len(grads))]
-        if not (self.fused_kernel and grads.device.type == "cpu" and grads.dtype == torch.float32
-                and self._fused_takes(particles[0])):
+        if not (
+            self.fused_kernel
+            and grads.device.type == "cpu"
+            and grads.dtype == torch.float32
+            and self._fused_takes(particles[0])
+        ):
             return torch.func.vmap(self.update, in_dims=(0, 0, 0, None))(meta_params, grads, state, step)
-        results = [self.update_no_grad(particle, grads[i], {k: v[i] for k, v in state.items()}, step)
-                   for i, particle in enumerate(particles)]
+        results = [
+            self.update_no_grad(particle, grads[i], {k: v[i] for k, v in state.items()}, step)
+            for i, particle in enumerate(particles)
+        ]
         return torch.stack([updates for updates, _ in results]), {
-            key: torch.stack([new_state[key] for _, new_state in results]) for key in state}
+            key: torch.stack([new_state[key] for _, new_state in results]) for key in state
+        }
 
     def _fused_takes(self, meta_params: MetaParams) -> bool:
         """Whether the fused kernel takes this optimizer's options (its tensors are checked when it runs)."""
@@ -102,7 +118,9 @@ class Optimizer(ABC):
     def with_horizon(self, horizon: int) -> Optimizer:
         """The same optimizer with its learned step schedule stretched over runs of ``horizon`` steps;
         an optimizer without one refuses."""
-        raise ValueError(f"horizon={horizon}: optimizer {self.kind!r} has no learned step schedule; leave horizon unset")
+        raise ValueError(
+            f"horizon={horizon}: optimizer {self.kind!r} has no learned step schedule; leave horizon unset"
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this optimizer (JSON-serialisable)."""
@@ -166,18 +184,26 @@ class NetworkOptimizer(Optimizer):
         grads, offset = {}, 0
         for name in self._packed_names():
             shape = meta_params[name].shape
-            grads[name] = sums[offset:offset + shape.numel()].float().reshape(shape)
+            grads[name] = sums[offset : offset + shape.numel()].float().reshape(shape)
             offset += shape.numel()
         return grads
 
-    def _fused_meta_update(self, meta_params: MetaParams, grads: Tensor, state: OptState,
-                           step: int) -> tuple[Tensor, OptState] | None:
+    def _fused_meta_update(
+        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
+    ) -> tuple[Tensor, OptState] | None:
         """The update as one autograd node over the native kernels, for first-order meta-training on
         float32 CPU tensors; None where they do not apply (the batched update then runs)."""
-        float32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32
-                          for t in (grads, *state.values(), *meta_params.values()))
-        if not (self.fused_kernel and torch.is_grad_enabled() and any(v.requires_grad for v in meta_params.values())
-                and not grads.requires_grad and float32_cpu and self._fused_meta_supported()):
+        float32_cpu = all(
+            t.device.type == "cpu" and t.dtype == torch.float32 for t in (grads, *state.values(), *meta_params.values())
+        )
+        if not (
+            self.fused_kernel
+            and torch.is_grad_enabled()
+            and any(v.requires_grad for v in meta_params.values())
+            and not grads.requires_grad
+            and float32_cpu
+            and self._fused_meta_supported()
+        ):
             return None
         try:
             fused_inputs = self._fused_inputs(meta_params, step, 1.0)
@@ -188,8 +214,15 @@ class NetworkOptimizer(Optimizer):
             _warn_batched(self.kind, error)
             return None
         keys = list(state)
-        updates, *new_state = _FusedMetaStep.apply(self, fused_inputs, list(meta_params), keys, grads.contiguous(),
-                                                   *(state[k].contiguous() for k in keys), *meta_params.values())
+        updates, *new_state = _FusedMetaStep.apply(
+            self,
+            fused_inputs,
+            list(meta_params),
+            keys,
+            grads.contiguous(),
+            *(state[k].contiguous() for k in keys),
+            *meta_params.values(),
+        )
         return updates, dict(zip(keys, new_state))
 
 
@@ -200,9 +233,16 @@ class _FusedMetaStep(torch.autograd.Function):
     running mean v) carry no gradient."""
 
     @staticmethod
-    def forward(ctx, optimizer: NetworkOptimizer, fused_inputs: tuple[Tensor, list[int], list[float]],
-                names: list[str], keys: list[str], grads: Tensor, *tensors: Tensor):
-        states, values = tensors[:len(keys)], tensors[len(keys):]
+    def forward(
+        ctx,
+        optimizer: NetworkOptimizer,
+        fused_inputs: tuple[Tensor, list[int], list[float]],
+        names: list[str],
+        keys: list[str],
+        grads: Tensor,
+        *tensors: Tensor,
+    ):
+        states, values = tensors[: len(keys)], tensors[len(keys) :]
         updates, new_states = _run_fused_update(optimizer.fused_kernel, fused_inputs, grads, states)
         ctx.save_for_backward(grads, *states, *values)
         ctx.fused = (optimizer, names, len(keys), *fused_inputs)
@@ -215,16 +255,26 @@ class _FusedMetaStep(torch.autograd.Function):
         grads, *saved = ctx.saved_tensors
         states, values = saved[:count], saved[count:]
         p, others = states[0].detach(), [s.detach() for s in states[1:]]
-        upstream = [g.contiguous() if g is not None else torch.zeros_like(like)
-                    for g, like in ((grad_updates, grads), (grad_p_next, p))]
-        grad_p, sums = run_fused_backward(optimizer.fused_kernel, grads, [p, *upstream, *(others or [p])], weights,
-                                          shape, scalars, optimizer.fused_extra_grads)
+        upstream = [
+            g.contiguous() if g is not None else torch.zeros_like(like)
+            for g, like in ((grad_updates, grads), (grad_p_next, p))
+        ]
+        grad_p, sums = run_fused_backward(
+            optimizer.fused_kernel,
+            grads,
+            [p, *upstream, *(others or [p])],
+            weights,
+            shape,
+            scalars,
+            optimizer.fused_extra_grads,
+        )
         meta_grads = optimizer._fused_meta_grads(sums, dict(zip(names, values)), scalars)
         return (None, None, None, None, None, grad_p, *[None] * (count - 1), *(meta_grads.get(n) for n in names))
 
 
-def _run_fused_update(kernel: str, fused_inputs: tuple[Tensor, list[int], list[float]], grads: Tensor,
-                      states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+def _run_fused_update(
+    kernel: str, fused_inputs: tuple[Tensor, list[int], list[float]], grads: Tensor, states: list[Tensor]
+) -> tuple[Tensor, list[Tensor]]:
     """One pass of ``kernel`` into new tensors: the update (parameters of zero, lr 1) and the next states,
     in the kernel's state order."""
     weights, shape, scalars = fused_inputs

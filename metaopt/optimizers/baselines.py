@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metaopt.optimizers.base import MetaParams, OptState, Optimizer
+from metaopt.optimizers.base import MetaParams, Optimizer, OptState
 
 
 class SGD(Optimizer):
@@ -93,6 +93,4 @@ class RMSprop(Optimizer):
         return updates, {"square_avg": square_avg}
 
 
-BASELINES: dict[str, type[Optimizer]] = {
-    cls.kind: cls for cls in (SGD, Momentum, Nesterov, Adam, RMSprop)
-}
+BASELINES: dict[str, type[Optimizer]] = {cls.kind: cls for cls in (SGD, Momentum, Nesterov, Adam, RMSprop)}

@@ -67,8 +67,15 @@ class HNNSeed(NetworkOptimizer):
     kind = "hnn_seed"
     fused_kernel = "hnn_seed_step"
 
-    def __init__(self, preprocess: bool = True, preprocess_p: float = 10.0, out_mul: float = 0.1,
-                 hidden: int | None = None, depth: int = 1, activation: Activation = "relu"):
+    def __init__(
+        self,
+        preprocess: bool = True,
+        preprocess_p: float = 10.0,
+        out_mul: float = 0.1,
+        hidden: int | None = None,
+        depth: int = 1,
+        activation: Activation = "relu",
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if (hidden is not None and hidden < 1) or depth < 1:
@@ -92,9 +99,7 @@ class HNNSeed(NetworkOptimizer):
     def init_state(self, params: Tensor) -> OptState:
         return {"p": params.new_zeros(params.shape + (self.dim,))}
 
-    def update(
-        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
-    ) -> tuple[Tensor, OptState]:
+    def update(self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int) -> tuple[Tensor, OptState]:
         fused = self._fused_meta_update(meta_params, grads, state, step)
         if fused is not None:
             return fused
@@ -107,8 +112,10 @@ class HNNSeed(NetworkOptimizer):
         width = self.hidden or self.dim
         if width > _MAX_FUSED_WIDTH:
             raise FusedUnsupported(f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}")
-        packed = [meta_params[name] if name != "L" else meta_params["L"] @ meta_params["L"].T  # M = L·Lᵀ
-                  for name in self._packed_names()]
+        packed = [
+            meta_params[name] if name != "L" else meta_params["L"] @ meta_params["L"].T  # M = L·Lᵀ
+            for name in self._packed_names()
+        ]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
         shape = [self.dim, width, self.depth, _ACTIVATION_CODES[self.activation], int(self.preprocess)]
         p = self.preprocess_p
@@ -117,7 +124,13 @@ class HNNSeed(NetworkOptimizer):
     def _packed_names(self) -> list[str]:
         names = [name for name, _ in self.network.named_parameters()]
         return [name for net in ("G.", "V.") for name in names if name.startswith(net)] + [
-            "D.weight", "L", "W_out.weight", "W_out.bias", "W1.weight", "W1.bias"]
+            "D.weight",
+            "L",
+            "W_out.weight",
+            "W_out.bias",
+            "W1.weight",
+            "W1.bias",
+        ]
 
     def _fused_meta_supported(self) -> bool:
         return self.depth == 1 and self.activation in ("relu", "tanh")

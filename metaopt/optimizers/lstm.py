@@ -89,26 +89,29 @@ class CoordinatewiseLSTM(NetworkOptimizer):
     def init_state(self, params: Tensor) -> OptState:
         return {"hc": params.new_zeros(params.shape + (self.layers, 2, self.hidden))}
 
-    def update(
-        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
-    ) -> tuple[Tensor, OptState]:
+    def update(self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int) -> tuple[Tensor, OptState]:
         fused = self._fused_meta_update(meta_params, grads, state, step)
         if fused is not None:
             return fused
         inputs = log_sign_preprocess(grads, self.preprocess_p) if self.preprocess else grads.unsqueeze(-1)
-        output, hc = self.apply(meta_params, inputs.reshape(-1, self.input_size),
-                                state["hc"].reshape(-1, self.layers, 2, self.hidden))
+        output, hc = self.apply(
+            meta_params, inputs.reshape(-1, self.input_size), state["hc"].reshape(-1, self.layers, 2, self.hidden)
+        )
         return self.out_mul * output.reshape(grads.shape), {"hc": hc.reshape(state["hc"].shape)}
 
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         if self.hidden > _MAX_FUSED_HIDDEN or self.layers > _MAX_FUSED_LAYERS:
-            raise FusedUnsupported(f"the fused lstm step takes hidden <= {_MAX_FUSED_HIDDEN} and layers <= "
-                                   f"{_MAX_FUSED_LAYERS}, got {self.hidden} and {self.layers}")
+            raise FusedUnsupported(
+                f"the fused lstm step takes hidden <= {_MAX_FUSED_HIDDEN} and layers <= "
+                f"{_MAX_FUSED_LAYERS}, got {self.hidden} and {self.layers}"
+            )
         packed = []
         for layer in range(self.layers):  # W = [weight_ih, weight_hh], b = bias_ih + bias_hh
             cell = f"cells.{layer}."
-            packed += [torch.cat([meta_params[cell + "weight_ih"], meta_params[cell + "weight_hh"]], dim=1),
-                       meta_params[cell + "bias_ih"] + meta_params[cell + "bias_hh"]]
+            packed += [
+                torch.cat([meta_params[cell + "weight_ih"], meta_params[cell + "weight_hh"]], dim=1),
+                meta_params[cell + "bias_ih"] + meta_params[cell + "bias_hh"],
+            ]
         packed += [meta_params["head.weight"], meta_params["head.bias"]]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
         p = self.preprocess_p
@@ -123,11 +126,17 @@ class CoordinatewiseLSTM(NetworkOptimizer):
             cell = f"cells.{layer}."
             rows, inputs = meta_params[cell + "weight_ih"].shape
             columns = inputs + self.hidden
-            weights = sums[offset:offset + rows * columns].float().reshape(rows, columns)
-            bias = sums[offset + rows * columns:offset + rows * (columns + 1)].float()
+            weights = sums[offset : offset + rows * columns].float().reshape(rows, columns)
+            bias = sums[offset + rows * columns : offset + rows * (columns + 1)].float()
             offset += rows * (columns + 1)
-            grads.update({cell + "weight_ih": weights[:, :inputs], cell + "weight_hh": weights[:, inputs:],
-                          cell + "bias_ih": bias, cell + "bias_hh": bias.clone()})
-        grads["head.weight"] = sums[offset:offset + self.hidden].float().reshape(1, self.hidden)
-        grads["head.bias"] = sums[offset + self.hidden:offset + self.hidden + 1].float()
+            grads.update(
+                {
+                    cell + "weight_ih": weights[:, :inputs],
+                    cell + "weight_hh": weights[:, inputs:],
+                    cell + "bias_ih": bias,
+                    cell + "bias_hh": bias.clone(),
+                }
+            )
+        grads["head.weight"] = sums[offset : offset + self.hidden].float().reshape(1, self.hidden)
+        grads["head.bias"] = sums[offset + self.hidden : offset + self.hidden + 1].float()
         return grads

@@ -4,7 +4,7 @@ optimizers", 2022)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,9 +70,7 @@ class MLPOptimizer(NetworkOptimizer):
             "rms": torch.zeros_like(params),
         }
 
-    def update(
-        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
-    ) -> tuple[Tensor, OptState]:
+    def update(self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int) -> tuple[Tensor, OptState]:
         decays = torch.tensor(self.decays, dtype=grads.dtype, device=grads.device)
         momenta = decays * state["momenta"] + (1 - decays) * grads.unsqueeze(-1)
         rms = self.rms_decay * state["rms"] + (1 - self.rms_decay) * grads.square()

@@ -56,8 +56,10 @@ def library(name: str) -> ctypes.CDLL:
 def _machine() -> str:
     """What ``-march=native`` depends on: the architecture and the CPU's feature flags."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith(("flags", "Features"))), "")
+        flags = next(
+            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))),
+            "",
+        )
     except OSError:
         flags = platform.processor()
     return f"{platform.machine()} {flags}"
@@ -68,7 +70,8 @@ def _load(source: Path) -> ctypes.CDLL:
     compiler = shutil.which(compiler_name)
     if compiler is None:
         raise NativeUnavailable(
-            f"no C compiler {compiler_name!r} on PATH to build {source.name}; install gcc or clang, or set CC")
+            f"no C compiler {compiler_name!r} on PATH to build {source.name}; install gcc or clang, or set CC"
+        )
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -84,68 +87,116 @@ def _load(source: Path) -> ctypes.CDLL:
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        build = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), "-lm"], capture_output=True,
-                               text=True, timeout=BUILD_TIMEOUT_S)
+        build = subprocess.run(
+            [compiler, *FLAGS, "-o", str(partial), str(source), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
         if build.returncode != 0:
             raise NativeUnavailable(f"{compiler} could not build {source.name}:\n{build.stderr.strip()}")
         os.replace(partial, target)  # atomic: concurrent processes never load a half-written library
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise NativeUnavailable(f"could not build {source.name} into {target.parent} ({error}); "
-                                "set METAOPT_CACHE_DIR to a writable folder") from error
+        raise NativeUnavailable(
+            f"could not build {source.name} into {target.parent} ({error}); set METAOPT_CACHE_DIR to a writable folder"
+        ) from error
     finally:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
     try:
         return ctypes.CDLL(str(target))
     except OSError as error:  # e.g. a cache on a noexec mount
-        raise NativeUnavailable(f"built {target} but cannot load it ({error}); set METAOPT_CACHE_DIR to another "
-                                "folder") from error
+        raise NativeUnavailable(
+            f"built {target} but cannot load it ({error}); set METAOPT_CACHE_DIR to another folder"
+        ) from error
 
 
-def run_fused(name: str, params: list[Tensor], grads: list[Tensor], state: list[Tensor], weights: Tensor,
-               shape: list[int], scalars: list[float]) -> None:
+def run_fused(
+    name: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: list[Tensor],
+    weights: Tensor,
+    shape: list[int],
+    scalars: list[float],
+) -> None:
     """Run kernel ``name`` (see ``csrc/fused_common.h``) over ``params`` in place. Raises
     ``FusedUnsupported`` unless every tensor is contiguous float32 on the CPU or where the kernel
     refuses ``shape``, and ``NativeUnavailable`` where it cannot be built."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in (*params, *grads, *state, weights)):
+    if not all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        for t in (*params, *grads, *state, weights)
+    ):
         raise FusedUnsupported(f"the fused step ({name}.c) takes contiguous float32 CPU tensors only")
     kernel = getattr(library(name), name)
     if kernel.argtypes is None:
-        kernel.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * 3,
-                           ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+        kernel.argtypes = [
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_int64),
+            *[ctypes.POINTER(ctypes.c_void_p)] * 3,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_int,
+        ]
         kernel.restype = ctypes.c_int
 
     def pointers(tensors: list[Tensor]):
         return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
-    status = kernel(len(params), (ctypes.c_int64 * len(params))(*(p.numel() for p in params)), pointers(params),
-                    pointers(grads), pointers(state), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),
-                    (ctypes.c_float * len(scalars))(*scalars), torch.get_num_threads())
+    status = kernel(
+        len(params),
+        (ctypes.c_int64 * len(params))(*(p.numel() for p in params)),
+        pointers(params),
+        pointers(grads),
+        pointers(state),
+        weights.data_ptr(),
+        (ctypes.c_int * len(shape))(*shape),
+        (ctypes.c_float * len(scalars))(*scalars),
+        torch.get_num_threads(),
+    )
     if status != 0:
         raise FusedUnsupported(f"the fused step ({name}.c) does not take the shape {shape}")
 
 
-def run_fused_backward(name: str, grad: Tensor, state: list[Tensor], weights: Tensor, shape: list[int],
-                       scalars: list[float], extra: int) -> tuple[Tensor, Tensor]:
+def run_fused_backward(
+    name: str, grad: Tensor, state: list[Tensor], weights: Tensor, shape: list[int], scalars: list[float], extra: int
+) -> tuple[Tensor, Tensor]:
     """Run ``{name}_backward`` over the flat ``grad``; ``state`` is (the first state, dL/dupdate,
     dL/d(next first state), then the kernel's own). Returns dL/d(the first state) and the summed
     gradients of the kernel's weights (float64, in the weights' layout, then ``extra`` more that the
     kernel documents)."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in (grad, *state, weights)):
+    if not all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (grad, *state, weights)
+    ):
         raise FusedUnsupported(f"the fused backward ({name}.c) takes contiguous float32 CPU tensors only")
     kernel = getattr(library(name), f"{name}_backward")
     if kernel.argtypes is None:
-        kernel.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float),
-                           ctypes.c_void_p, ctypes.c_int]
+        kernel.argtypes = [
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         kernel.restype = ctypes.c_int
     grad_state = torch.empty_like(state[0])
     sums = torch.zeros(weights.numel() + extra, dtype=torch.float64)
-    status = kernel(grad.numel(), grad.data_ptr(), (ctypes.c_void_p * len(state))(*(t.data_ptr() for t in state)),
-                    grad_state.data_ptr(), weights.data_ptr(), (ctypes.c_int * len(shape))(*shape),
-                    (ctypes.c_float * len(scalars))(*scalars), sums.data_ptr(), torch.get_num_threads())
+    status = kernel(
+        grad.numel(),
+        grad.data_ptr(),
+        (ctypes.c_void_p * len(state))(*(t.data_ptr() for t in state)),
+        grad_state.data_ptr(),
+        weights.data_ptr(),
+        (ctypes.c_int * len(shape))(*shape),
+        (ctypes.c_float * len(scalars))(*scalars),
+        sums.data_ptr(),
+        torch.get_num_threads(),
+    )
     if status == -2:
         raise MemoryError(f"the fused backward ({name}.c) could not allocate its buffers")
     if status != 0:

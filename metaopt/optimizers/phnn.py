@@ -26,8 +26,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "ge
 SCHEDULE_KNOTS = (1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0)
 
 
-def mlp(inputs: int, hidden: int, outputs: int, depth: int = 1, activation: str = "tanh",
-        bias: bool = True) -> nn.Sequential:
+def mlp(
+    inputs: int, hidden: int, outputs: int, depth: int = 1, activation: str = "tanh", bias: bool = True
+) -> nn.Sequential:
     """``depth`` hidden layers of width ``hidden`` and a zero-initialised last layer, so it starts
     as the zero function."""
     last = nn.Linear(hidden, outputs, bias=bias)
@@ -238,8 +239,10 @@ class PHNN(NetworkOptimizer):
         if init_lr <= 0 or not 0 <= init_momentum <= 1:
             raise ValueError("need init_lr > 0 and 0 <= init_momentum <= 1")
         if horizon is not None and (horizon < 1 or init_momentum == 1):
-            raise ValueError(f"horizon (the steps of a run, {horizon}) must be >= 1 and needs init_momentum < 1 "
-                             "(the schedule divides the step by 1 - init_momentum^(t+1))")
+            raise ValueError(
+                f"horizon (the steps of a run, {horizon}) must be >= 1 and needs init_momentum < 1 "
+                "(the schedule divides the step by 1 - init_momentum^(t+1))"
+            )
         if not 0 < rms_decay < 1:
             raise ValueError(f"rms_decay must be in (0, 1), got {rms_decay}")
         if state_dim < 1 or hidden < 1 or depth < 1:
@@ -291,9 +294,7 @@ class PHNN(NetworkOptimizer):
             state["v"] = params.new_zeros(params.shape)
         return state
 
-    def update(
-        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
-    ) -> tuple[Tensor, OptState]:
+    def update(self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int) -> tuple[Tensor, OptState]:
         fused = self._fused_meta_update(meta_params, grads, state, step)
         if fused is not None:
             return fused
@@ -311,10 +312,17 @@ class PHNN(NetworkOptimizer):
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
         """The packed weights, shape and scalars of ``csrc/phnn_step.c``; ``FusedUnsupported`` for
         options it does not take."""
-        refused = [name for name, off in (
-            ("state_dim != 1", self.state_dim != 1), ("depth != 1", self.depth != 1),
-            ("activation != 'tanh'", self.activation != "tanh"), ("leapfrog", self.integrator == "leapfrog"),
-            (f"hidden > {_MAX_FUSED_WIDTH}", self.hidden > _MAX_FUSED_WIDTH)) if off]
+        refused = [
+            name
+            for name, off in (
+                ("state_dim != 1", self.state_dim != 1),
+                ("depth != 1", self.depth != 1),
+                ("activation != 'tanh'", self.activation != "tanh"),
+                ("leapfrog", self.integrator == "leapfrog"),
+                (f"hidden > {_MAX_FUSED_WIDTH}", self.hidden > _MAX_FUSED_WIDTH),
+            )
+            if off
+        ]
         if refused:
             raise FusedUnsupported(f"the fused phnn step does not take {', '.join(refused)}")
         packed = [meta_params[name] for name in self._packed_names()]
@@ -322,29 +330,42 @@ class PHNN(NetworkOptimizer):
         h = float(meta_params["log_h"].detach().float().exp())
         a0 = float(meta_params["A0"].detach().float().reshape(()))
         if self.horizon is not None:
-            lr = lr * float(schedule_scale(meta_params["schedule"].detach().float(), step, self.horizon,
-                                           self.init_momentum))
+            lr = lr * float(
+                schedule_scale(meta_params["schedule"].detach().float(), step, self.horizon, self.init_momentum)
+            )
         beta = self.rms_decay
-        shape = [self.hidden, int(self.preprocess), *map(int, self._learned_parts().values()), int(self.normalize),
-                 int(self.sign_equivariant), int(self.state_features)]
+        shape = [
+            self.hidden,
+            int(self.preprocess),
+            *map(int, self._learned_parts().values()),
+            int(self.normalize),
+            int(self.sign_equivariant),
+            int(self.state_features),
+        ]
         scalars = [h, a0, math.exp(-10.0), 10.0, math.exp(10.0), beta, 1 - beta, 1 - beta ** (step + 1), lr]
         return weights, shape, scalars
 
     def _learned_parts(self) -> dict[str, bool]:
         """Which of the energy, dissipation and port are learned MLPs, in the kernel's order."""
-        return {"hamiltonian": self.hamiltonian == "learned", "dissipation": self.dissipation == "learned",
-                "port": self.port == "learned"}
+        return {
+            "hamiltonian": self.hamiltonian == "learned",
+            "dissipation": self.dissipation == "learned",
+            "port": self.port == "learned",
+        }
 
     def _packed_names(self) -> list[str]:
-        layers = {"hamiltonian": ("0.weight", "0.bias", "2.weight"),
-                  "dissipation": ("0.weight", "0.bias", "2.weight", "2.bias"),
-                  "port": ("0.weight", "0.bias", "2.weight", "2.bias")}
+        layers = {
+            "hamiltonian": ("0.weight", "0.bias", "2.weight"),
+            "dissipation": ("0.weight", "0.bias", "2.weight", "2.bias"),
+            "port": ("0.weight", "0.bias", "2.weight", "2.bias"),
+        }
         learned = self._learned_parts()
         return [f"{part}.{name}" for part, names in layers.items() if learned[part] for name in names]
 
     def _fused_meta_supported(self) -> bool:
-        return all(self._learned_parts().values()) and not (self.sign_equivariant or self.state_features
-                                                            or self.horizon is not None)
+        return all(self._learned_parts().values()) and not (
+            self.sign_equivariant or self.state_features or self.horizon is not None
+        )
 
     def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
         grads = super()._fused_meta_grads(sums, meta_params, scalars)

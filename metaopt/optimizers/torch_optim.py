@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -62,8 +62,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
     meta-trained on). Stepping past the horizon warns once; the schedule then holds its last level.
     """
 
-    def __init__(self, params: Iterable, optimizer: Optimizer, meta_params: MetaParams, lr: float = 1.0,
-                 compile: bool = False, fused: bool | None = None, horizon: int | None = None):
+    def __init__(
+        self,
+        params: Iterable,
+        optimizer: Optimizer,
+        meta_params: MetaParams,
+        lr: float = 1.0,
+        compile: bool = False,
+        fused: bool | None = None,
+        horizon: int | None = None,
+    ):
         if horizon is not None:
             optimizer = optimizer.with_horizon(horizon)
         if lr <= 0:
@@ -89,7 +97,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"state_dict holds state {found} for parameter {index}, but a {self.optimizer.kind!r} "
                     f"LearnedOptimizer keeps {expected}: it was saved by another optimizer or an older metaopt "
-                    "(lstm kept 'h' and 'c' before they became one 'hc')")
+                    "(lstm kept 'h' and 'c' before they became one 'hc')"
+                )
         super().load_state_dict(state_dict)
         self._flat.clear()  # the loaded state replaced the views into the flat buffers
 
@@ -136,8 +145,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state[param].update(zip(keys, chunks))
             self.state[param][STEP] = step_view
         # Parameters of a group step together, so the runs hold until the group is rebuilt.
-        flat = _FlatGroup(param_ids, [p.view(-1) for p in params], sizes, state, steps,
-                          _equal_step_runs(steps.tolist(), sizes))
+        flat = _FlatGroup(
+            param_ids, [p.view(-1) for p in params], sizes, state, steps, _equal_step_runs(steps.tolist(), sizes)
+        )
         self._flat[key] = flat
         return flat
 
@@ -146,19 +156,36 @@ class LearnedOptimizer(torch.optim.Optimizer):
         step count: parameters that skipped steps (no ``.grad``) are updated apart from the others."""
         for start, end, first, last in flat.runs:
             state = {key: value[first:last] for key, value in flat.state.items()}
-            self._step_run(flat.flat_params[start:end], grads[start:end], flat.sizes[start:end], state,
-                           int(flat.steps[start]), lr, meta_params)
+            self._step_run(
+                flat.flat_params[start:end],
+                grads[start:end],
+                flat.sizes[start:end],
+                state,
+                int(flat.steps[start]),
+                lr,
+                meta_params,
+            )
         flat.steps.add_(1)
 
-    def _step_run(self, params: list[Tensor], grads: list[Tensor], sizes: list[int], state: OptState, step: int,
-                  lr: float, meta_params: MetaParams) -> None:
+    def _step_run(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        sizes: list[int],
+        state: OptState,
+        step: int,
+        lr: float,
+        meta_params: MetaParams,
+    ) -> None:
         """One update, fused or batched, of flat parameters that share their 0-based ``step`` and whose
         state is ``state`` (views, overwritten in place)."""
         horizon = self.optimizer.horizon
         if horizon is not None and step == horizon:
-            warnings.warn(f"step {horizon + 1} passes the {self.optimizer.kind} optimizer's horizon of {horizon} steps: "
-                          "its learned schedule holds its last level from here on; to stretch the schedule over a "
-                          "longer run, pass horizon=<the run's steps> to load_optimizer")
+            warnings.warn(
+                f"step {horizon + 1} passes the {self.optimizer.kind} optimizer's horizon of {horizon} steps: "
+                "its learned schedule holds its last level from here on; to stretch the schedule over a "
+                "longer run, pass horizon=<the run's steps> to load_optimizer"
+            )
         if self._use_fused and self._fused_step(params, grads, state, step, lr, meta_params):
             return
         grad = torch.cat([g.reshape(-1) for g in grads])
@@ -167,8 +194,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for key, value in new_state.items():
             state[key].copy_(value)
 
-    def _fused_step(self, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float,
-                    meta_params: MetaParams) -> bool:
+    def _fused_step(
+        self, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float, meta_params: MetaParams
+    ) -> bool:
         """Whether the native step ran. With ``fused=None``, inputs it does not take go to the batched
         update; a kernel that cannot be built warns once and turns it off."""
         try:

@@ -40,6 +40,13 @@ def task_data(config, half: Split) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 __all__ = [
-    "DataNotFoundError", "MnistMLP", "Optimizees", "Quadratic", "Split", "TaskFamily",
-    "make_task", "optimizee_seeds", "task_data",
+    "DataNotFoundError",
+    "MnistMLP",
+    "Optimizees",
+    "Quadratic",
+    "Split",
+    "TaskFamily",
+    "make_task",
+    "optimizee_seeds",
+    "task_data",
 ]

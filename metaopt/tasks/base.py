@@ -8,8 +8,9 @@ parameters; ``batched_loss`` maps it over a batch with ``torch.func.vmap``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch

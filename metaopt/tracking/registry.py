@@ -84,23 +84,27 @@ def _access_error(error: Exception, uri: str) -> RegistryError | None:
         return RegistryError(
             f"the MLflow tracking server at {uri} cannot be reached ({str(reason).rsplit(': ', 1)[-1]}); check "
             "that it is running and that --tracking-uri (or MLFLOW_TRACKING_URI) names it (a version loaded "
-            "before, models:/NAME/VERSION, loads from the cache without it)")
+            "before, models:/NAME/VERSION, loads from the cache without it)"
+        )
     code = getattr(error, "error_code", None)
     user = read_mlflow_creds().username
     if code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
         return RegistryError(
             f"the MLflow tracking server at {uri} refused authentication "
             f"({f'user {user!r}: wrong password, or no such user' if user else 'no credentials given'}); "
-            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server")
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server"
+        )
     if code == "PERMISSION_DENIED":
         return RegistryError(
             f"the MLflow tracking server at {uri} denied user {user!r} this request; ask its admin for the "
-            "permission, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it")
+            "permission, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it"
+        )
     return None
 
 
-def log_optimizer_model(run_id: str, checkpoint: Path, extra_artifacts: dict[str, Path] | None = None,
-                        tracking_uri: str | None = None) -> str:
+def log_optimizer_model(
+    run_id: str, checkpoint: Path, extra_artifacts: dict[str, Path] | None = None, tracking_uri: str | None = None
+) -> str:
     """Log ``checkpoint`` as the run's pyfunc model; return its model URI."""
     import mlflow
 
@@ -111,7 +115,9 @@ def log_optimizer_model(run_id: str, checkpoint: Path, extra_artifacts: dict[str
         artifacts |= {name: str(path) for name, path in (extra_artifacts or {}).items() if Path(path).exists()}
         with _server(mlflow.get_tracking_uri()), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=str(CODE), artifacts=artifacts,
+                name=MODEL_ARTIFACT,
+                python_model=str(CODE),
+                artifacts=artifacts,
                 pip_requirements=[f"metaopt=={__version__}"],
             )
     return info.model_uri
@@ -128,8 +134,13 @@ def _weights_only_copy(checkpoint: Path, folder: Path) -> Path:
     return copy
 
 
-def register_optimizer(model_uri: str, name: str, alias: str | None = None, tags: dict[str, Any] | None = None,
-                       tracking_uri: str | None = None) -> int:
+def register_optimizer(
+    model_uri: str,
+    name: str,
+    alias: str | None = None,
+    tags: dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
+) -> int:
     """Register ``model_uri`` as a new version of ``name`` (with ``alias`` and version ``tags``).
 
     ``latest`` is MLflow's reserved alias for the newest version: it needs no setting."""
@@ -146,8 +157,14 @@ def register_optimizer(model_uri: str, name: str, alias: str | None = None, tags
     return int(version.version)
 
 
-def register_run(run_id: str, name: str, alias: str | None = None, tracking_uri: str | None = None,
-                 run_dir: Path | None = None, **tags: Any) -> int:
+def register_run(
+    run_id: str,
+    name: str,
+    alias: str | None = None,
+    tracking_uri: str | None = None,
+    run_dir: Path | None = None,
+    **tags: Any,
+) -> int:
     """Log run ``run_id``'s best checkpoint (with its config and evaluation table) as an optimizer model
     and register it as a new version of ``name``. Files come from ``run_dir`` when given, else from
     the run's artifacts."""
@@ -171,15 +188,24 @@ def register_run(run_id: str, name: str, alias: str | None = None, tracking_uri:
                     client.download_artifacts(run_id, path, str(target))
                 except (MlflowException, OSError):
                     if path == "checkpoints/best":
-                        raise RegistryError(f"run {run_id} has no checkpoints/best artifact: it is not a metaopt "
-                                            "meta-training run, or it never finished") from None
+                        raise RegistryError(
+                            f"run {run_id} has no checkpoints/best artifact: it is not a metaopt "
+                            "meta-training run, or it never finished"
+                        ) from None
         run_dir = Path(run_dir)
         checkpoint = run_dir / "checkpoints" / "best"
         model_uri = log_optimizer_model(
-            run_id, checkpoint, {"config": run_dir / "config.yaml", "evaluation": run_dir / "evaluation" / "table.md"},
-            tracking_uri)
-        tags = {"metaopt.version": __version__, "run_name": run.info.run_name, DIGEST_TAG: weights_sha256(checkpoint),
-                **tags}
+            run_id,
+            checkpoint,
+            {"config": run_dir / "config.yaml", "evaluation": run_dir / "evaluation" / "table.md"},
+            tracking_uri,
+        )
+        tags = {
+            "metaopt.version": __version__,
+            "run_name": run.info.run_name,
+            DIGEST_TAG: weights_sha256(checkpoint),
+            **tags,
+        }
         return register_optimizer(model_uri, name, alias, tags, tracking_uri)
 
 
@@ -187,8 +213,10 @@ def promote(name: str, version: int, alias: str, tracking_uri: str | None = None
     from mlflow import MlflowClient
 
     if alias.lower() == LATEST:
-        raise RegistryError("'latest' is MLflow's reserved alias for the newest version; choose another "
-                            "alias, such as candidate or production")
+        raise RegistryError(
+            "'latest' is MLflow's reserved alias for the newest version; choose another "
+            "alias, such as candidate or production"
+        )
     client = MlflowClient(tracking_uri)
     with _server(client.tracking_uri):
         _registered_version(client, name, version=str(version))
@@ -204,9 +232,14 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     with _server(client.tracking_uri):
         for model in client.search_registered_models():
             versions = client.search_model_versions(f"name = '{model.name}'")
-            rows.append({"name": model.name, "versions": len(versions),
-                         "latest_version": max((int(v.version) for v in versions), default=None),
-                         "aliases": dict(model.aliases)})
+            rows.append(
+                {
+                    "name": model.name,
+                    "versions": len(versions),
+                    "latest_version": max((int(v.version) for v in versions), default=None),
+                    "aliases": dict(model.aliases),
+                }
+            )
     return rows
 
 
@@ -221,8 +254,15 @@ def show_model(name: str, tracking_uri: str | None = None) -> list[dict[str, Any
     aliases_of: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():
         aliases_of.setdefault(str(version), []).append(alias)
-    return [{"version": int(v.version), "aliases": sorted(aliases_of.get(str(v.version), [])), "run_id": v.run_id,
-             "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))]
+    return [
+        {
+            "version": int(v.version),
+            "aliases": sorted(aliases_of.get(str(v.version), [])),
+            "run_id": v.run_id,
+            "tags": dict(v.tags),
+        }
+        for v in sorted(versions, key=lambda v: int(v.version))
+    ]
 
 
 def pull(source: str, directory: Path, tracking_uri: str | None = None) -> Path:
@@ -254,7 +294,9 @@ def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> P
         name, _, version = reference.partition("/")
         name, _, alias = name.partition("@")
         if not (alias or version):
-            raise RegistryError(f"{text} names no version or alias: load models:/{name}@ALIAS or models:/{name}/VERSION")
+            raise RegistryError(
+                f"{text} names no version or alias: load models:/{name}@ALIAS or models:/{name}/VERSION"
+            )
         if version and _entry(client, text).is_dir():  # a version never changes: no server needed
             return _cached(client, text, None)
         registered = _registered_version(client, name, alias, version)
@@ -287,13 +329,17 @@ def _cached(client, source: str, expected: str | None) -> Path:
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=entry.parent) as folder:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder,
-                                                             tracking_uri=client.tracking_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=folder, tracking_uri=client.tracking_uri
+                )
+            )
         except (MlflowException, OSError) as error:
             if _access_error(error, client.tracking_uri):
                 raise
-            raise RegistryError(f"cannot download {source} from {client.tracking_uri}: "
-                                f"{str(error).splitlines()[0][:300]}") from None
+            raise RegistryError(
+                f"cannot download {source} from {client.tracking_uri}: {str(error).splitlines()[0][:300]}"
+            ) from None
         found = [p.parent for p in local.rglob(SPEC)] if local.is_dir() else []
         if not found or not (found[0] / WEIGHTS).is_file():
             raise RegistryError(f"{source} is not a metaopt optimizer: it holds no checkpoint ({SPEC} and {WEIGHTS})")
@@ -301,8 +347,12 @@ def _cached(client, source: str, expected: str | None) -> Path:
         staged.mkdir()
         for name in (WEIGHTS, SPEC):
             shutil.copy2(found[0] / name, staged / name)
-        _verified(staged, expected, f"{source} at {client.tracking_uri}",
-                  "the artifact store holds other weights than were registered; restore them or register again")
+        _verified(
+            staged,
+            expected,
+            f"{source} at {client.tracking_uri}",
+            "the artifact store holds other weights than were registered; restore them or register again",
+        )
         try:
             os.replace(staged, entry)  # atomic: a half-finished download never looks complete
         except OSError:
@@ -321,8 +371,10 @@ def _verified(checkpoint: Path, expected: str | None, what: str, remedy: str) ->
     except OSError as error:
         raise CheckpointError(f"{what}: cannot read {WEIGHTS} ({error})") from None
     if actual != expected:
-        raise CheckpointError(f"{what}: {WEIGHTS} does not match its registered SHA-256 (expected {expected}, "
-                              f"found {actual}); the weights were altered or damaged: {remedy}")
+        raise CheckpointError(
+            f"{what}: {WEIGHTS} does not match its registered SHA-256 (expected {expected}, "
+            f"found {actual}); the weights were altered or damaged: {remedy}"
+        )
     return checkpoint
 
 
@@ -340,11 +392,15 @@ def _registered_version(client, name: str, alias: str | None = None, version: st
         raise RegistryError(f"registered model {name!r} has no versions yet")
     if alias:
         known = ", ".join(f"@{a} (version {v})" for a, v in model.aliases.items()) or "none"
-        raise RegistryError(f"registered model {name!r} has no alias {alias!r}; its aliases: {known}. "
-                            f"Set one with `metaopt registry promote {name} VERSION {alias}`")
+        raise RegistryError(
+            f"registered model {name!r} has no alias {alias!r}; its aliases: {known}. "
+            f"Set one with `metaopt registry promote {name} VERSION {alias}`"
+        )
     versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
-    raise RegistryError(f"registered model {name!r} has no version {version}; versions: "
-                        f"{', '.join(sorted(versions, key=int)) or 'none'}")
+    raise RegistryError(
+        f"registered model {name!r} has no version {version}; versions: "
+        f"{', '.join(sorted(versions, key=int)) or 'none'}"
+    )
 
 
 def _model(client, name: str):
@@ -356,5 +412,6 @@ def _model(client, name: str):
         if error.error_code not in ABSENT:
             raise
         names = [m.name for m in client.search_registered_models()]
-        raise RegistryError(f"no registered model {name!r} at {client.tracking_uri}; registered: "
-                            f"{', '.join(names) or 'none'}") from None
+        raise RegistryError(
+            f"no registered model {name!r} at {client.tracking_uri}; registered: {', '.join(names) or 'none'}"
+        ) from None

@@ -49,16 +49,31 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def git_commit() -> str | None:
     """The checkout's commit, if it is a git checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).resolve().parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 # Answers from a reachable store that refuse a write (e.g. a param changed on --resume): retrying
 # cannot help, so the write is dropped with a warning instead of blocking the buffer behind it.
-REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
-            "PERMISSION_DENIED", "INVALID_STATE"}
+REJECTED = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "PERMISSION_DENIED",
+    "INVALID_STATE",
+}
 
 
 def _rejected(error: Exception) -> bool:
@@ -68,8 +83,10 @@ def _rejected(error: Exception) -> bool:
 
 
 def _warn_rejected(op: dict, error: Exception) -> None:
-    warnings.warn(f"MLflow refused a {op['op']} write ({str(error).splitlines()[0][:300]}); it is skipped, "
-                  "training continues", stacklevel=4)
+    warnings.warn(
+        f"MLflow refused a {op['op']} write ({str(error).splitlines()[0][:300]}); it is skipped, training continues",
+        stacklevel=4,
+    )
 
 
 class RunTracker:
@@ -79,8 +96,15 @@ class RunTracker:
     default (a local SQLite store, ``sqlite:///mlflow.db``, with artifacts in ``./mlruns``).
     """
 
-    def __init__(self, run_dir: Path, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                 run_name: str | None = None, parent_run_id: str | None = None, start: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        start: bool = True,
+    ):
         import mlflow
         from mlflow import MlflowClient
 
@@ -104,8 +128,14 @@ class RunTracker:
         self._write({"op": "params", "params": {k: str(v)[:6000] for k, v in params.items()}})
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._write({"op": "metrics", "step": step, "timestamp": int(time.time() * 1000),
-                     "metrics": {k: float(v) for k, v in metrics.items()}})
+        self._write(
+            {
+                "op": "metrics",
+                "step": step,
+                "timestamp": int(time.time() * 1000),
+                "metrics": {k: float(v) for k, v in metrics.items()},
+            }
+        )
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self._write({"op": "artifacts", "local_dir": str(Path(local_dir).resolve()), "artifact_path": artifact_path})
@@ -168,8 +198,11 @@ class RunTracker:
                 buffer.write_text("".join(json.dumps(o) + "\n" for o in pending[index:]))
                 return False
         buffer.unlink()
-        warnings.warn(f"MLflow tracking at {self.tracking_uri} is reachable again: delivered {len(pending)} "
-                      f"buffered write(s) to run {self.run_id}", stacklevel=3)
+        warnings.warn(
+            f"MLflow tracking at {self.tracking_uri} is reachable again: delivered {len(pending)} "
+            f"buffered write(s) to run {self.run_id}",
+            stacklevel=3,
+        )
         return True
 
     def _went_offline(self, error: Exception) -> None:
@@ -178,7 +211,9 @@ class RunTracker:
                 f"MLflow tracking at {self.tracking_uri} is unreachable ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:200]}); training continues, checkpoints stay in {self.run_dir}, and "
                 f"tracking writes are buffered in {self.run_dir / BUFFER} until it answers again "
-                f"(or run `metaopt sync {self.run_dir}`)", stacklevel=4)
+                f"(or run `metaopt sync {self.run_dir}`)",
+                stacklevel=4,
+            )
         self.offline_since = time.monotonic()
 
     def _buffer(self, op: dict) -> None:
@@ -197,7 +232,7 @@ class RunTracker:
         elif kind == "params":
             items = [Param(k, v) for k, v in op["params"].items()]
             for start in range(0, len(items), 100):  # MLflow's batch limit for params
-                self.client.log_batch(self.run_id, params=items[start:start + 100])
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
         elif kind == "metrics":
             metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
             self.client.log_batch(self.run_id, metrics=metrics)

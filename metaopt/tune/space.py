@@ -25,7 +25,12 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from metaopt.config import (
-    Config, ConfigError, StrictModel, read_yaml_mapping, set_path, validate_config,
+    Config,
+    ConfigError,
+    StrictModel,
+    read_yaml_mapping,
+    set_path,
+    validate_config,
 )
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint", "lograndint")
@@ -45,8 +50,11 @@ class SearchConfig(StrictModel):
     trial_cpus: float = Field(1.0, gt=0, description="CPUs of a trial's learner (rollout workers add their own)")
     trial_gpus: float = Field(0.0, ge=0, description="GPUs of a trial's learner when it trains in-process")
     seed: int = Field(0, ge=0, description="searcher seed")
-    compare_default: bool = Field(True, description="also meta-train the base config's architecture on the trial "
-                                  "budget and put it in the final comparison")
+    compare_default: bool = Field(
+        True,
+        description="also meta-train the base config's architecture on the trial "
+        "budget and put it in the final comparison",
+    )
     register_as: str | None = Field(None, description="register the best trial's optimizer under this name")
     alias: str = "candidate"
     output_dir: str = "runs/tune"
@@ -95,15 +103,19 @@ class SearchSpace:
             set_path(self.base, "task.data.root", str(Path(self.config.task.data.root).resolve()))
         self.config = self._validate(self.base, "set")
         if not spec.space and spec.pbt is None:
-            raise ConfigError(f"{source}: the search space is empty; add parameters under space:, e.g. "
-                              "optimizer.options.hidden: {choice: [8, 16, 32]}")
+            raise ConfigError(
+                f"{source}: the search space is empty; add parameters under space:, e.g. "
+                "optimizer.options.hidden: {choice: [8, 16, 32]}"
+            )
         self.domains = {key: self._domain(f"space.{key}", key, value) for key, value in spec.space.items()}
         self.mutations: dict[str, Any] = {}
         if spec.pbt is not None:
             for key, value in spec.pbt.mutations.items():
                 if key not in PBT_MUTABLE:
-                    raise ConfigError(f"{source}: pbt.mutations.{key}: PBT can only change what may change "
-                                      f"mid-run ({', '.join(PBT_MUTABLE)}); search shapes under space: instead")
+                    raise ConfigError(
+                        f"{source}: pbt.mutations.{key}: PBT can only change what may change "
+                        f"mid-run ({', '.join(PBT_MUTABLE)}); search shapes under space: instead"
+                    )
                 self.mutations[key] = self._domain(f"pbt.mutations.{key}", key, value)
         self._validate_corners()
 
@@ -131,9 +143,10 @@ class SearchSpace:
         from ray import tune
 
         if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in DOMAINS:
-            raise ConfigError(f"{self.source}: {where}: expected one of {', '.join(f'{{{d}: ...}}' for d in DOMAINS)}, "
-                              f"got {value!r}")
-        (kind, args), = value.items()
+            raise ConfigError(
+                f"{self.source}: {where}: expected one of {', '.join(f'{{{d}: ...}}' for d in DOMAINS)}, got {value!r}"
+            )
+        ((kind, args),) = value.items()
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 raise ConfigError(f"{self.source}: {where}: choice needs a non-empty list of values")
@@ -160,8 +173,10 @@ class SearchSpace:
         keys = {**self.mutations, **self.domains}
         for corner in (0, -1):
             sample = {key: _corner(domain, corner) for key, domain in keys.items()}
-            self._validate(self._applied(sample), f"space with every parameter at its {('lowest', 'highest')[corner]} "
-                           f"value ({sample})")
+            self._validate(
+                self._applied(sample),
+                f"space with every parameter at its {('lowest', 'highest')[corner]} value ({sample})",
+            )
 
 
 def _corner(domain, corner: int) -> Any:
@@ -176,14 +191,19 @@ def _corner(domain, corner: int) -> Any:
 def load_search(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     """Read a search YAML (``--set`` overrides apply to it, e.g. ``search.samples=4``) and validate it."""
     path = Path(path)
-    data = _apply_search_overrides(read_yaml_mapping(path, "search file", "base, set, search, space, pbt"),
-                                   overrides or [])
+    data = _apply_search_overrides(
+        read_yaml_mapping(path, "search file", "base, set, search, space, pbt"), overrides or []
+    )
     try:
         spec = TuneSpec.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"invalid search {path}:\n  " + "\n  ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'search'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in error.errors())) from None
+        raise ConfigError(
+            f"invalid search {path}:\n  "
+            + "\n  ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'search'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in error.errors()
+            )
+        ) from None
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{path}: base {spec.base} does not exist (looked for {base_path})")
@@ -205,4 +225,3 @@ def _apply_search_overrides(data: dict, overrides: list[str]) -> dict:
         else:
             plain.append(override)
     return apply_overrides(data, plain)
-

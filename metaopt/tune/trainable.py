@@ -34,9 +34,14 @@ def meta_train_trial(sample: dict[str, Any], space: SearchSpace) -> None:
                 trainer.resume(Path(folder))
 
         def report(folder: Path, metrics: dict[str, float]) -> None:
-            tune.report({METRIC: metrics[METRIC], "meta_step": trainer.meta_step,
-                         **{k: metrics[k] for k in REPORTED if k in metrics}},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(
+                {
+                    METRIC: metrics[METRIC],
+                    "meta_step": trainer.meta_step,
+                    **{k: metrics[k] for k in REPORTED if k in metrics},
+                },
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
 
         # PBT may hand this trial a finished trial's last checkpoint: nothing is left to train, but the
         # trial must still report its end itself, or its last result stays the donor's (its trial id too)
