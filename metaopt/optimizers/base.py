@@ -72,17 +72,12 @@ class Optimizer(ABC):
     ) -> tuple[Tensor, OptState]:
         """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
         takes the tensors (float32 CPU, the options it covers), else ``update``."""
-        if self.fused_kernel is not None:
+        if fused_refusal(self, meta_params, [grads, *state.values()]) is None:
             keys = list(state)
-            try:
-                updates, new_states = _run_fused_update(
-                    self.fused_kernel, self._fused_inputs(meta_params, step, 1.0), grads, [state[key] for key in keys]
-                )
-                return updates, dict(zip(keys, new_states))
-            except FusedUnsupported:
-                pass
-            except NativeUnavailable as error:
-                _warn_batched(self.kind, error)
+            updates, new_states = _run_fused_update(
+                self.fused_kernel, self._fused_inputs(meta_params, step, 1.0), grads, [state[key] for key in keys]
+            )
+            return updates, dict(zip(keys, new_states))
         return self.update(meta_params, grads, state, step)
 
     def update_particles(
@@ -92,12 +87,7 @@ class Optimizer(ABC):
         argument has a leading axis of size P. Vectorised with ``torch.func.vmap``, except where the fused
         kernel takes the options and tensors (float32 CPU): it then runs once per particle."""
         particles = [{k: v[i] for k, v in meta_params.items()} for i in range(len(grads))]
-        if not (
-            self.fused_kernel
-            and grads.device.type == "cpu"
-            and grads.dtype == torch.float32
-            and self._fused_takes(particles[0])
-        ):
+        if fused_refusal(self, particles[0], [grads, *state.values()]) is not None:
             return torch.func.vmap(self.update, in_dims=(0, 0, 0, None))(meta_params, grads, state, step)
         results = [
             self.update_no_grad(particle, grads[i], {k: v[i] for k, v in state.items()}, step)
@@ -106,14 +96,6 @@ class Optimizer(ABC):
         return torch.stack([updates for updates, _ in results]), {
             key: torch.stack([new_state[key] for _, new_state in results]) for key in state
         }
-
-    def _fused_takes(self, meta_params: MetaParams) -> bool:
-        """Whether the fused kernel takes this optimizer's options (its tensors are checked when it runs)."""
-        try:
-            self._fused_inputs(meta_params, 0, 1.0)
-        except FusedUnsupported:
-            return False
-        return True
 
     def with_horizon(self, horizon: int) -> Optimizer:
         """The same optimizer with its learned step schedule stretched over runs of ``horizon`` steps;
@@ -193,26 +175,15 @@ class NetworkOptimizer(Optimizer):
     ) -> tuple[Tensor, OptState] | None:
         """The update as one autograd node over the native kernels, for first-order meta-training on
         float32 CPU tensors; None where they do not apply (the batched update then runs)."""
-        float32_cpu = all(
-            t.device.type == "cpu" and t.dtype == torch.float32 for t in (grads, *state.values(), *meta_params.values())
-        )
         if not (
-            self.fused_kernel
+            self._fused_meta_supported()
             and torch.is_grad_enabled()
             and any(v.requires_grad for v in meta_params.values())
             and not grads.requires_grad
-            and float32_cpu
-            and self._fused_meta_supported()
+            and fused_refusal(self, meta_params, [grads, *state.values(), *meta_params.values()]) is None
         ):
             return None
-        try:
-            fused_inputs = self._fused_inputs(meta_params, step, 1.0)
-            library(self.fused_kernel)
-        except FusedUnsupported:
-            return None
-        except NativeUnavailable as error:
-            _warn_batched(self.kind, error)
-            return None
+        fused_inputs = self._fused_inputs(meta_params, step, 1.0)
         keys = list(state)
         updates, *new_state = _FusedMetaStep.apply(
             self,
@@ -283,5 +254,23 @@ def _run_fused_update(
     return updates, new_states
 
 
-def _warn_batched(kind: str, error: NativeUnavailable) -> None:
-    warnings.warn(f"{kind} runs the batched update: the fused kernel cannot be built ({error})")
+def fused_refusal(optimizer: Optimizer, meta_params: MetaParams, tensors: list[Tensor]) -> str | None:
+    """Why ``optimizer``'s native kernel cannot step ``tensors`` (parameters, gradients, state), or None when it
+    can: the one place that decides between the fused step and the batched update, as ``torch.optim`` does in
+    ``_default_to_fused_or_foreach``. The kernel needs options it takes, contiguous float32 CPU tensors, and a
+    C compiler: where it cannot be built, this warns once and the batched update runs."""
+    if optimizer.fused_kernel is None:
+        return f"optimizer {optimizer.kind!r} has no fused step"
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return f"the fused step ({optimizer.fused_kernel}.c) takes contiguous float32 CPU tensors only"
+    try:
+        optimizer._fused_inputs(meta_params, 0, 1.0)
+        library(optimizer.fused_kernel)
+    except FusedUnsupported as refused:
+        return str(refused)
+    except NativeUnavailable as error:
+        if not getattr(error, "warned", False):  # library() raises the same error on every later call
+            warnings.warn(f"{optimizer.kind} runs the batched update: the fused kernel cannot be built ({error})")
+            error.warned = True
+        return str(error)
+    return None

@@ -25,8 +25,9 @@ class NativeUnavailable(RuntimeError):
     """No native kernel here: no C compiler, or its build failed."""
 
 
-class FusedUnsupported(NativeUnavailable):
-    """The kernel does not take these inputs (device, dtype, layout or network shape)."""
+class FusedUnsupported(ValueError):
+    """The kernel does not take these inputs (device, dtype, layout or network shape): not an error of the
+    kernel, a case for the batched update."""
 
 
 _libraries: dict[str, ctypes.CDLL | NativeUnavailable] = {}

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaopt.optimizers.base import MetaParams, Optimizer, OptState
-from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable
+from metaopt.optimizers.base import MetaParams, Optimizer, OptState, fused_refusal
 
 STEP = "step"
 
@@ -86,8 +85,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._on_device: dict[tuple[torch.device, torch.dtype], MetaParams] = {}
         self._flat: dict[tuple[int, torch.device, torch.dtype], _FlatGroup] = {}
         self._update = torch.compile(optimizer.update) if compile else None
-        self.fused = fused
-        self._use_fused = optimizer.fused_kernel is not None and fused is not False and not compile
+        self.fused = False if compile else fused  # the compiled update is never fused
 
     def load_state_dict(self, state_dict: dict) -> None:
         expected = sorted(self.optimizer.init_state(torch.zeros(1)))
@@ -186,30 +184,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "its learned schedule holds its last level from here on; to stretch the schedule over a "
                 "longer run, pass horizon=<the run's steps> to load_optimizer"
             )
-        if self._use_fused and self._fused_step(params, grads, state, step, lr, meta_params):
-            return
-        grad = torch.cat([g.reshape(-1) for g in grads])
+        grads = [g.reshape(-1) for g in grads]
+        if self.fused is not False:
+            refusal = fused_refusal(self.optimizer, meta_params, [*params, *grads, *state.values()])
+            if refusal is None:
+                self.optimizer.fused_step(meta_params, params, grads, state, step, float(lr))
+                return
+            if self.fused:
+                raise RuntimeError(f"fused=True, but the fused {self.optimizer.kind} step cannot run: {refusal}")
+        grad = torch.cat(grads)
         updates, new_state = self._call_update(meta_params, grad, state, step)
         torch._foreach_add_(params, updates.split(sizes), alpha=lr)
         for key, value in new_state.items():
             state[key].copy_(value)
-
-    def _fused_step(
-        self, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float, meta_params: MetaParams
-    ) -> bool:
-        """Whether the native step ran. With ``fused=None``, inputs it does not take go to the batched
-        update; a kernel that cannot be built warns once and turns it off."""
-        try:
-            self.optimizer.fused_step(meta_params, params, [g.reshape(-1) for g in grads], state, step, float(lr))
-            return True
-        except NativeUnavailable as error:
-            if self.fused:
-                kind = self.optimizer.kind
-                raise RuntimeError(f"fused=True, but the fused {kind} step cannot run: {error}") from error
-            if not isinstance(error, FusedUnsupported):
-                warnings.warn(f"the fused {self.optimizer.kind} step cannot run ({error}); using the batched update")
-                self._use_fused = False
-            return False
 
     def _call_update(self, meta_params: MetaParams, grad: Tensor, state: OptState, step: int):
         if self._update is not None:
