@@ -162,7 +162,8 @@ def test_a_worker_killed_mid_unroll_rejoins_until_ray_runs_out_of_restarts(ray_c
     with ray_workers(cfg, ray_cluster.address) as group:
         first_pids = group.worker_pids()
         trainer = MetaTrainer(cfg, tmp_path / "run", gradient_source=group)
-        trainer.train(show_progress=False, on_metrics=on_metrics)
+        with pytest.warns(UserWarning, match="dropped Ray RolloutWorker 0 because it died and Ray has no restarts"):
+            trainer.train(show_progress=False, on_metrics=on_metrics)
         final_pids = group.worker_pids()
     assert seen["restarted_pid"] != first_pids[0] and seen["other_pid"] == first_pids[1]
     assert seen["rejoined_at"] < 10 and trainer.meta_step == 10

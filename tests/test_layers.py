@@ -70,3 +70,25 @@ def test_ray_and_mlflow_stay_at_the_edges():
     for library, allowed in MAY_IMPORT.items():
         found = sorted(part for part, targets in imports().items() if library in targets)
         assert set(found) <= allowed, f"{library} imported by {set(found) - allowed}"
+
+
+def test_no_part_uses_another_parts_private_names():
+    """``_name``s are a part's own: another part neither imports them nor reaches them through an import."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        foreign = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("metaopt."):
+                if node.module.split(".")[1] != part:
+                    foreign |= {alias.asname or alias.name for alias in node.names}
+                    found += [f"{path.name}: {alias.name}" for alias in node.names if _private(alias.name)]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in foreign:
+                if _private(node.attr):
+                    found.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert not found, f"private names used across parts: {found}"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
