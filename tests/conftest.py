@@ -29,6 +29,12 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# `metaopt train` overrides for a run of seconds: 4 meta-steps, 2 validations, a 5-run comparison with Adam.
+TINY_TRAIN = [
+    *("--set", "train.meta_steps=4", "--set", "train.eval_every=2", "--set", "train.batch_size=8"),
+    *("--set", "train.eval_runs=4", "--set", "evaluate.runs=5"),
+    *("--set", "evaluate.optimizers=[{kind: adam, lr: 0.1}]", "--no-progress"),
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,28 +19,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, _free_port
+from conftest import REPO_ROOT, TINY_TRAIN, _free_port
 
 from jobs import meta_train, tune
 from metaopt.cli import build_parser
 from metaopt.meta import load_checkpoint
 
 pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
-
-TINY = [
-    "--set",
-    "train.meta_steps=2",
-    "--set",
-    "train.eval_every=2",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.eval_runs=4",
-    "--set",
-    "evaluate.runs=5",
-    "--set",
-    "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
-]
 
 
 @pytest.mark.parametrize(
@@ -155,7 +140,7 @@ def test_readme_job_flow_with_token_authentication(tmp_path):
             "jobs/configs/train_quadratic_phnn.yaml",
             "--set",
             "distributed.workers=1",
-            *TINY,
+            *TINY_TRAIN,
             "--no-tracking",
             "--output",
             str(output),
@@ -169,8 +154,8 @@ def test_readme_job_flow_with_token_authentication(tmp_path):
         logs = sh("ray", "job", "logs", job_id[0], env=client)
         assert logs.returncode == 0 and "on Ray with 1 sync worker(s)" in logs.stdout, logs.stdout + logs.stderr
         assert "meta-step 2: meta-loss" in logs.stdout and "MLflow run" not in logs.stdout
-        _, _, spec = load_checkpoint(output / "checkpoints" / "meta_step_000002")
-        assert spec["meta_step"] == 2 and spec["kind"] == "phnn"
+        _, _, spec = load_checkpoint(output / "checkpoints" / "meta_step_000004")
+        assert spec["meta_step"] == 4 and spec["kind"] == "phnn"
 
         clock = time.monotonic()
         stopped = sh("cluster/local.sh", "stop")

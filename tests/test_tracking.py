@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY_TRAIN
 from mlflow import MlflowClient
 from torch import nn
 
@@ -18,22 +18,6 @@ from metaopt.tracking import RegistryError, RunTracker
 from metaopt.tracking.registry import resolve_checkpoint
 
 pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
-
-TINY = [
-    "--set",
-    "train.meta_steps=4",
-    "--set",
-    "train.eval_every=2",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.eval_runs=4",
-    "--set",
-    "evaluate.runs=5",
-    "--set",
-    "evaluate.optimizers=[{kind: adam, lr: 0.1}]",
-    "--no-progress",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +32,7 @@ def fresh_mlflow_globals(monkeypatch, tmp_path):
 
 def train_cli(*args: str) -> int:
     config = str(REPO_ROOT / "jobs/configs/train_quadratic_phnn.yaml")
-    return metaopt_main(["train", config, "--set", "distributed=null", *TINY, *args])
+    return metaopt_main(["train", config, "--set", "distributed=null", *TINY_TRAIN, *args])
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 40) -> list[float]:
