@@ -12,6 +12,7 @@ same way, so one small network serves models of any size::
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import warnings
 from abc import ABC, abstractmethod
@@ -52,19 +53,19 @@ class Optimizer(ABC):
         """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
         overwritten, in one pass of the native kernel ``fused_kernel``. Raises ``FusedUnsupported``
         for inputs or options it does not take and ``NativeUnavailable`` where it cannot be built."""
-        weights, shape, scalars = self._fused_inputs(meta_params, step, lr)
+        weights, options = self._fused_inputs(meta_params, step, lr)
         run_fused(
             self.fused_kernel,
             params,
             grads,
             [state[key] for key in self.init_state(torch.zeros(0))],
             weights,
-            shape,
-            scalars,
+            options,
         )
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
-        """The kernel's packed weights, shape and scalars; ``FusedUnsupported`` for options it does not take."""
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, ctypes.Structure]:
+        """The kernel's packed weights and its ``Options`` (a ctypes struct of named settings, the C
+        kernel's own); ``FusedUnsupported`` for options it does not take."""
         raise FusedUnsupported(f"optimizer {self.kind!r} has no fused step")
 
     def update_no_grad(
@@ -161,7 +162,7 @@ class NetworkOptimizer(Optimizer):
         """Whether the backward kernel takes this optimizer's options."""
         return False
 
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: ctypes.Structure) -> MetaParams:
         """dL/d(meta-parameter) from the backward kernel's sums (float64, the weights' layout)."""
         grads, offset = {}, 0
         for name in self._packed_names():
@@ -207,7 +208,7 @@ class _FusedMetaStep(torch.autograd.Function):
     def forward(
         ctx,
         optimizer: NetworkOptimizer,
-        fused_inputs: tuple[Tensor, list[int], list[float]],
+        fused_inputs: tuple[Tensor, ctypes.Structure],
         names: list[str],
         keys: list[str],
         grads: Tensor,
@@ -222,7 +223,7 @@ class _FusedMetaStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_updates: Tensor | None, grad_p_next: Tensor | None, *_):
-        optimizer, names, count, weights, shape, scalars = ctx.fused
+        optimizer, names, count, weights, options = ctx.fused
         grads, *saved = ctx.saved_tensors
         states, values = saved[:count], saved[count:]
         p, others = states[0].detach(), [s.detach() for s in states[1:]]
@@ -235,22 +236,21 @@ class _FusedMetaStep(torch.autograd.Function):
             grads,
             [p, *upstream, *(others or [p])],
             weights,
-            shape,
-            scalars,
+            options,
             optimizer.fused_extra_grads,
         )
-        meta_grads = optimizer._fused_meta_grads(sums, dict(zip(names, values)), scalars)
+        meta_grads = optimizer._fused_meta_grads(sums, dict(zip(names, values)), options)
         return (None, None, None, None, None, grad_p, *[None] * (count - 1), *(meta_grads.get(n) for n in names))
 
 
 def _run_fused_update(
-    kernel: str, fused_inputs: tuple[Tensor, list[int], list[float]], grads: Tensor, states: list[Tensor]
+    kernel: str, fused_inputs: tuple[Tensor, ctypes.Structure], grads: Tensor, states: list[Tensor]
 ) -> tuple[Tensor, list[Tensor]]:
     """One pass of ``kernel`` into new tensors: the update (parameters of zero, lr 1) and the next states,
     in the kernel's state order."""
-    weights, shape, scalars = fused_inputs
+    weights, options = fused_inputs
     updates, new_states = torch.zeros_like(grads), [s.detach().clone() for s in states]
-    run_fused(kernel, [updates], [grads], new_states, weights, shape, scalars)
+    run_fused(kernel, [updates], [grads], new_states, weights, options)
     return updates, new_states
 
 

@@ -4,6 +4,7 @@ cross-coordinate normalisation."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -108,7 +109,7 @@ class HNNSeed(NetworkOptimizer):
         raw, p = self.apply(meta_params, q, state["p"].reshape(-1, self.dim))
         return self.out_mul * raw.reshape(grads.shape), {"p": p.reshape(grads.shape + (self.dim,))}
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, HNNSeedKernelOptions]:
         width = self.hidden or self.dim
         if width > _MAX_FUSED_WIDTH:
             raise FusedUnsupported(f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}")
@@ -117,9 +118,20 @@ class HNNSeed(NetworkOptimizer):
             for name in self._packed_names()
         ]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
-        shape = [self.dim, width, self.depth, _ACTIVATION_CODES[self.activation], int(self.preprocess)]
         p = self.preprocess_p
-        return weights, shape, [math.exp(-p), p, math.exp(p), self.out_mul, lr]
+        options = HNNSeedKernelOptions(
+            dim=self.dim,
+            hidden=width,
+            depth=self.depth,
+            activation=_ACTIVATION_CODES[self.activation],
+            preprocess=self.preprocess,
+            threshold=math.exp(-p),
+            log_divisor=p,
+            small_scale=math.exp(p),
+            out_mul=self.out_mul,
+            lr=lr,
+        )
+        return weights, options
 
     def _packed_names(self) -> list[str]:
         names = [name for name, _ in self.network.named_parameters()]
@@ -135,12 +147,23 @@ class HNNSeed(NetworkOptimizer):
     def _fused_meta_supported(self) -> bool:
         return self.depth == 1 and self.activation in ("relu", "tanh")
 
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
-        grads = super()._fused_meta_grads(sums, meta_params, scalars)
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: HNNSeedKernelOptions) -> MetaParams:
+        grads = super()._fused_meta_grads(sums, meta_params, options)
         grad_m = grads["L"]  # the kernel's gradient is w.r.t. M = L·Lᵀ
         grads["L"] = (grad_m + grad_m.T) @ meta_params["L"].detach()
         return grads
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/hnn_seed_step.c
+
+
+class HNNSeedKernelOptions(ctypes.Structure):
+    """``Options`` of ``csrc/hnn_seed_step.c``, field by field."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("dim", "hidden", "depth", "activation", "preprocess")),
+        *((name, ctypes.c_float) for name in ("threshold", "log_divisor", "small_scale", "out_mul", "lr")),
+    ]
+
+
 _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "gelu": 2, "silu": 3}

@@ -3,6 +3,7 @@ by gradient descent"."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -13,6 +14,15 @@ from metaopt.optimizers.features import log_sign_preprocess
 from metaopt.optimizers.native import FusedUnsupported
 
 _MAX_FUSED_HIDDEN, _MAX_FUSED_LAYERS = 64, 4  # MAX_HIDDEN, MAX_LAYERS in csrc/lstm_step.c
+
+
+class LSTMKernelOptions(ctypes.Structure):
+    """``Options`` of ``csrc/lstm_step.c``, field by field."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("in_size", "hidden", "layers")),
+        *((name, ctypes.c_float) for name in ("threshold", "log_divisor", "small_scale", "out_mul", "lr")),
+    ]
 
 
 def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,7 +109,7 @@ class CoordinatewiseLSTM(NetworkOptimizer):
         )
         return self.out_mul * output.reshape(grads.shape), {"hc": hc.reshape(state["hc"].shape)}
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, LSTMKernelOptions]:
         if self.hidden > _MAX_FUSED_HIDDEN or self.layers > _MAX_FUSED_LAYERS:
             raise FusedUnsupported(
                 f"the fused lstm step takes hidden <= {_MAX_FUSED_HIDDEN} and layers <= "
@@ -115,12 +125,22 @@ class CoordinatewiseLSTM(NetworkOptimizer):
         packed += [meta_params["head.weight"], meta_params["head.bias"]]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
         p = self.preprocess_p
-        return weights, [self.input_size, self.hidden, self.layers], [math.exp(-p), p, math.exp(p), self.out_mul, lr]
+        options = LSTMKernelOptions(
+            in_size=self.input_size,
+            hidden=self.hidden,
+            layers=self.layers,
+            threshold=math.exp(-p),
+            log_divisor=p,
+            small_scale=math.exp(p),
+            out_mul=self.out_mul,
+            lr=lr,
+        )
+        return weights, options
 
     def _fused_meta_supported(self) -> bool:
         return True
 
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: LSTMKernelOptions) -> MetaParams:
         grads, offset = {}, 0
         for layer in range(self.layers):
             cell = f"cells.{layer}."

@@ -118,12 +118,12 @@ def run_fused(
     grads: list[Tensor],
     state: list[Tensor],
     weights: Tensor,
-    shape: list[int],
-    scalars: list[float],
+    options: ctypes.Structure,
 ) -> None:
-    """Run kernel ``name`` (see ``csrc/fused_common.h``) over ``params`` in place. Raises
-    ``FusedUnsupported`` unless every tensor is contiguous float32 on the CPU or where the kernel
-    refuses ``shape``, and ``NativeUnavailable`` where it cannot be built."""
+    """Run kernel ``name`` (see ``csrc/fused_common.h``) over ``params`` in place, with ``options`` (the
+    kernel's ``Options`` struct). Raises ``FusedUnsupported`` unless every tensor is contiguous float32
+    on the CPU or where the kernel refuses ``options``, and ``NativeUnavailable`` where it cannot be
+    built."""
     if not all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
         for t in (*params, *grads, *state, weights)
@@ -136,8 +136,7 @@ def run_fused(
             ctypes.POINTER(ctypes.c_int64),
             *[ctypes.POINTER(ctypes.c_void_p)] * 3,
             ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_void_p,
             ctypes.c_int,
         ]
         kernel.restype = ctypes.c_int
@@ -152,16 +151,15 @@ def run_fused(
         pointers(grads),
         pointers(state),
         weights.data_ptr(),
-        (ctypes.c_int * len(shape))(*shape),
-        (ctypes.c_float * len(scalars))(*scalars),
+        ctypes.addressof(options),
         torch.get_num_threads(),
     )
     if status != 0:
-        raise FusedUnsupported(f"the fused step ({name}.c) does not take the shape {shape}")
+        raise FusedUnsupported(f"the fused step ({name}.c) does not take {_named(options)}")
 
 
 def run_fused_backward(
-    name: str, grad: Tensor, state: list[Tensor], weights: Tensor, shape: list[int], scalars: list[float], extra: int
+    name: str, grad: Tensor, state: list[Tensor], weights: Tensor, options: ctypes.Structure, extra: int
 ) -> tuple[Tensor, Tensor]:
     """Run ``{name}_backward`` over the flat ``grad``; ``state`` is (the first state, dL/dupdate,
     dL/d(next first state), then the kernel's own). Returns dL/d(the first state) and the summed
@@ -179,8 +177,7 @@ def run_fused_backward(
             ctypes.POINTER(ctypes.c_void_p),
             ctypes.c_void_p,
             ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_void_p,
             ctypes.c_void_p,
             ctypes.c_int,
         ]
@@ -193,13 +190,17 @@ def run_fused_backward(
         (ctypes.c_void_p * len(state))(*(t.data_ptr() for t in state)),
         grad_state.data_ptr(),
         weights.data_ptr(),
-        (ctypes.c_int * len(shape))(*shape),
-        (ctypes.c_float * len(scalars))(*scalars),
+        ctypes.addressof(options),
         sums.data_ptr(),
         torch.get_num_threads(),
     )
     if status == -2:
         raise MemoryError(f"the fused backward ({name}.c) could not allocate its buffers")
     if status != 0:
-        raise FusedUnsupported(f"the fused backward ({name}.c) does not take the shape {shape}")
+        raise FusedUnsupported(f"the fused backward ({name}.c) does not take {_named(options)}")
     return grad_state, sums
+
+
+def _named(options: ctypes.Structure) -> str:
+    """``options`` as ``name=value, ...``, for messages."""
+    return ", ".join(f"{name}={getattr(options, name):g}" for name, _ in options._fields_)

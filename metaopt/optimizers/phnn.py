@@ -5,6 +5,7 @@ It starts as heavy-ball momentum and meta-training departs from there."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Literal
 
@@ -309,9 +310,9 @@ class PHNN(NetworkOptimizer):
             updates = updates * schedule_scale(meta_params["schedule"], step, self.horizon, self.init_momentum)
         return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,)), **new_state}
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, list[int], list[float]]:
-        """The packed weights, shape and scalars of ``csrc/phnn_step.c``; ``FusedUnsupported`` for
-        options it does not take."""
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, PHNNKernelOptions]:
+        """The packed weights and options of ``csrc/phnn_step.c``; ``FusedUnsupported`` for options it
+        does not take."""
         refused = [
             name
             for name, off in (
@@ -333,17 +334,27 @@ class PHNN(NetworkOptimizer):
             lr = lr * float(
                 schedule_scale(meta_params["schedule"].detach().float(), step, self.horizon, self.init_momentum)
             )
-        beta = self.rms_decay
-        shape = [
-            self.hidden,
-            int(self.preprocess),
-            *map(int, self._learned_parts().values()),
-            int(self.normalize),
-            int(self.sign_equivariant),
-            int(self.state_features),
-        ]
-        scalars = [h, a0, math.exp(-10.0), 10.0, math.exp(10.0), beta, 1 - beta, 1 - beta ** (step + 1), lr]
-        return weights, shape, scalars
+        beta, learned = self.rms_decay, self._learned_parts()
+        options = PHNNKernelOptions(
+            hidden=self.hidden,
+            preprocess=self.preprocess,
+            learned_energy=learned["hamiltonian"],
+            learned_dissipation=learned["dissipation"],
+            learned_port=learned["port"],
+            normalize=self.normalize,
+            equivariant=self.sign_equivariant,
+            state_features=self.state_features,
+            h=h,
+            a0=a0,
+            threshold=math.exp(-10.0),
+            log_divisor=10.0,
+            small_scale=math.exp(10.0),
+            beta=beta,
+            one_minus_beta=1 - beta,
+            correction=1 - beta ** (step + 1),
+            lr=lr,
+        )
+        return weights, options
 
     def _learned_parts(self) -> dict[str, bool]:
         """Which of the energy, dissipation and port are learned MLPs, in the kernel's order."""
@@ -367,12 +378,46 @@ class PHNN(NetworkOptimizer):
             self.sign_equivariant or self.state_features or self.horizon is not None
         )
 
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, scalars: list[float]) -> MetaParams:
-        grads = super()._fused_meta_grads(sums, meta_params, scalars)
+    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: PHNNKernelOptions) -> MetaParams:
+        grads = super()._fused_meta_grads(sums, meta_params, options)
         offset = sum(g.numel() for g in grads.values())
-        grads["log_h"] = (sums[offset] * scalars[0]).float().reshape(())  # dL/dh · h
+        grads["log_h"] = (sums[offset] * options.h).float().reshape(())  # dL/dh · h
         grads["A0"] = sums[offset + 1].float().reshape(1, 1)
         return grads
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/phnn_step.c
+
+
+class PHNNKernelOptions(ctypes.Structure):
+    """``Options`` of ``csrc/phnn_step.c``, field by field."""
+
+    _fields_ = [
+        *(
+            (name, ctypes.c_int)
+            for name in (
+                "hidden",
+                "preprocess",
+                "learned_energy",
+                "learned_dissipation",
+                "learned_port",
+                "normalize",
+                "equivariant",
+                "state_features",
+            )
+        ),
+        *(
+            (name, ctypes.c_float)
+            for name in (
+                "h",
+                "a0",
+                "threshold",
+                "log_divisor",
+                "small_scale",
+                "beta",
+                "one_minus_beta",
+                "correction",
+                "lr",
+            )
+        ),
+    ]

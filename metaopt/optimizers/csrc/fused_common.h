@@ -3,13 +3,12 @@
 
    Every kernel exports
      int NAME(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
-              float *const *state, const float *weights, const int *shape, const float *scalars, int threads)
+              float *const *state, const float *weights, const Options *options, int threads)
    where params[s] and grads[s] hold sizes[s] floats, state[i] are the optimizer's flat state buffers
-   (over all segments, in order), and shape / scalars are the kernel's own settings; and, for
-   meta-training,
+   (over all segments, in order), and Options is the kernel's own struct of named settings (mirrored
+   field by field by a ctypes.Structure beside the optimizer's Python class); and, for meta-training,
      int NAME_backward(int64_t n, const float *grad, float *const *state, float *grad_p,
-                       const float *weights, const int *shape, const float *scalars,
-                       double *grad_weights, int threads)
+                       const float *weights, const Options *options, double *grad_weights, int threads)
    with state = (p, dL/dupdate, dL/dp', the kernel's other states), which writes dL/dp and the summed
    gradients of the weights. Both return 0, or -1 for settings they do not take; a backward kernel
    returns -2 where it could not allocate its buffers. */
@@ -40,8 +39,7 @@ typedef float Lanes[LANES];
 typedef struct {
     float *const *state;
     const float *weights;
-    const int *shape;
-    const float *scalars;
+    const void *options; /* the kernel's own Options */
     double *totals; /* backward kernels: per-share sums of the weights' gradients, share-major */
     int sums;       /* backward kernels: how many gradients each share sums */
     void *scratch;  /* a kernel's own per-share buffers, allocated before the threads start */

@@ -4,12 +4,7 @@
    per-coordinate computation in one pass: read the gradient, the parameter and the state p, write
    the parameter and p (state[0], [total, dim]).
 
-   shape: dim, hidden, depth, activation (RELU, TANH, GELU, SILU), preprocess.
-   scalars: threshold e^-p, p, e^p (the log/sign preprocessing), out_mul, lr.
-   weights, packed by HNNSeed._fused_inputs in this order (nn.Linear weights are [out, in], row-major):
-     G: per hidden layer W [hidden, in], b [hidden]; then W [dim, hidden], b [dim]
-     V: the same
-     D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim] */
+   options: Options below. weights: packed by HNNSeed._fused_inputs in weight_layout's order. */
 
 #include "fused_common.h"
 
@@ -17,6 +12,29 @@
 #define MAX_WIDTH 64
 
 enum { RELU = 0, TANH = 1, GELU = 2, SILU = 3 };
+
+/* The settings, by name; HNNSeedKernelOptions (metaopt/optimizers/hnn_seed.py) mirrors it field by field. */
+typedef struct {
+    int dim, hidden, depth, activation, preprocess;
+    float threshold, log_divisor, small_scale; /* the log/sign preprocessing: e^-p, p, e^p */
+    float out_mul, lr;
+} Options;
+
+/* Where each weight starts (nn.Linear weights are [out, in], row-major):
+     G: per hidden layer W [hidden, in], b [hidden]; then W [dim, hidden], b [dim]
+     V: the same
+     D [2 dim, 2 dim]; M = L Lᵀ [dim, dim]; W_out [2 dim], b_out [1]; W1 [dim, 2 dim], b1 [dim] */
+typedef struct {
+    int G, V, D, M, w_out, b_out, w1, b1, total;
+} Layout;
+
+INLINE Layout weight_layout(const int d, const int hidden, const int depth) {
+    Layout o;
+    const int potential = (d + 1) * hidden + (depth - 1) * (hidden + 1) * hidden + (hidden + 1) * d;
+    o.G = 0, o.V = potential, o.D = 2 * potential, o.M = o.D + 4 * d * d, o.w_out = o.M + d * d;
+    o.b_out = o.w_out + 2 * d, o.w1 = o.b_out + 1, o.b1 = o.w1 + 2 * d * d, o.total = o.b1 + d;
+    return o;
+}
 
 INLINE float activate(const int activation, float x) {
     switch (activation) {
@@ -57,12 +75,13 @@ INLINE const float *potential(const float *w, const float *q, float *out, const 
 INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *param, float *state, const int64_t n,
                              const int d, const int hidden, const int depth, const int activation,
                              const int preprocess) {
-    const float threshold = kernel->scalars[0], log_divisor = kernel->scalars[1], small_scale = kernel->scalars[2];
-    const float out_mul = kernel->scalars[3], lr = kernel->scalars[4];
-    const float *G = kernel->weights;
-    const int potential_size = (d + 1) * hidden + (depth - 1) * (hidden + 1) * hidden + (hidden + 1) * d;
-    const float *V = G + potential_size, *D = V + potential_size, *M = D + 4 * d * d, *w_out = M + d * d,
-                *b_out = w_out + 2 * d, *w1 = b_out + 1, *b1 = w1 + 2 * d * d;
+    const Options *o = kernel->options;
+    const float threshold = o->threshold, log_divisor = o->log_divisor, small_scale = o->small_scale;
+    const float out_mul = o->out_mul, lr = o->lr;
+    const Layout L = weight_layout(d, hidden, depth);
+    const float *w = kernel->weights;
+    const float *G = w + L.G, *V = w + L.V, *D = w + L.D, *M = w + L.M, *w_out = w + L.w_out, *b_out = w + L.b_out,
+                *w1 = w + L.w1, *b1 = w + L.b1;
     for (int64_t j = 0; j < n; j++) {
         float q[MAX_DIM], p[MAX_DIM], g_q[MAX_DIM], v[MAX_DIM], q_dot[MAX_DIM], force[MAX_DIM], p_dot[MAX_DIM];
         if (preprocess) {
@@ -99,20 +118,21 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
 
 static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
                          int share) {
-    const int *shape = kernel->shape; /* dim, hidden, depth, activation, preprocess */
-    float *state = kernel->state[0] + first * shape[0];
-    if (shape[0] == 2 && shape[1] == 2 && shape[2] == 1 && shape[3] == RELU && shape[4])
+    const Options *o = kernel->options;
+    float *state = kernel->state[0] + first * o->dim;
+    if (o->dim == 2 && o->hidden == 2 && o->depth == 1 && o->activation == RELU && o->preprocess)
         step_coordinates(kernel, grad, param, state, n, 2, 2, 1, RELU, 1);
-    else if (shape[0] == 1 && shape[1] == 1 && shape[2] == 1 && shape[3] == RELU && !shape[4])
+    else if (o->dim == 1 && o->hidden == 1 && o->depth == 1 && o->activation == RELU && !o->preprocess)
         step_coordinates(kernel, grad, param, state, n, 1, 1, 1, RELU, 0);
     else
-        step_coordinates(kernel, grad, param, state, n, shape[0], shape[1], shape[2], shape[3], shape[4]);
+        step_coordinates(kernel, grad, param, state, n, o->dim, o->hidden, o->depth, o->activation, o->preprocess);
 }
 
 int hnn_seed_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
-                  float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
-    if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] < 1) return -1;
-    const Kernel kernel = {state, weights, shape, scalars, 0, 0};
+                  float *const *state, const float *weights, const Options *options, int threads) {
+    const Options *o = options;
+    if (o->dim < 1 || o->dim > MAX_DIM || o->hidden < 1 || o->hidden > MAX_WIDTH || o->depth < 1) return -1;
+    const Kernel kernel = {state, weights, options, 0, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }
@@ -176,12 +196,12 @@ INLINE void potential_backward(const float *w, float *acc, const Lanes *q, const
 INLINE void backward_block(const Kernel *kernel, const float *grad, const float *p_in, const float *grad_update,
                            const float *grad_p_next, float *grad_p, float *acc, const int d, const int hidden,
                            const int activation, const int preprocess) {
-    const float threshold = kernel->scalars[0], log_divisor = kernel->scalars[1], small_scale = kernel->scalars[2];
-    const float out_mul = kernel->scalars[3];
+    const Options *o = kernel->options;
+    const float threshold = o->threshold, log_divisor = o->log_divisor, small_scale = o->small_scale;
+    const float out_mul = o->out_mul;
     const float *w = kernel->weights;
-    const int potential_size = (d + 1) * hidden + (hidden + 1) * d;
-    const int G = 0, V = potential_size, D = 2 * potential_size, M = D + 4 * d * d, w_out = M + d * d,
-              b_out = w_out + 2 * d, w1 = b_out + 1, b1 = w1 + 2 * d * d;
+    const Layout L = weight_layout(d, hidden, 1);
+    const int G = L.G, V = L.V, D = L.D, M = L.M, w_out = L.w_out, b_out = L.b_out, w1 = L.w1, b1 = L.b1;
     Lanes q[MAX_DIM], p[MAX_DIM], g_q[MAX_DIM], v[MAX_DIM], d_q[MAX_DIM], d_p[MAX_DIM], q_dot[MAX_DIM],
         force[MAX_DIM], p_dot[MAX_DIM];
     Lanes z_g[MAX_WIDTH], a_g[MAX_WIDTH], z_v[MAX_WIDTH], a_v[MAX_WIDTH];
@@ -290,21 +310,21 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first,
 static void backward_segment(const Kernel *kernel, const float *grad, float *unused, int64_t first, int64_t n,
                              int share) {
     (void)unused;
-    const int *shape = kernel->shape; /* dim, hidden, depth, activation, preprocess */
-    if (shape[0] == 2 && shape[1] == 2 && shape[3] == RELU && shape[4])
+    const Options *o = kernel->options;
+    if (o->dim == 2 && o->hidden == 2 && o->activation == RELU && o->preprocess)
         backward_run(kernel, grad, first, n, share, 2, 2, RELU, 1);
     else
-        backward_run(kernel, grad, first, n, share, shape[0], shape[1], shape[3], shape[4]);
+        backward_run(kernel, grad, first, n, share, o->dim, o->hidden, o->activation, o->preprocess);
 }
 
 int hnn_seed_step_backward(int64_t n, const float *grad, float *const *state, float *grad_p, const float *weights,
-                           const int *shape, const float *scalars, double *grad_weights, int threads) {
-    if (shape[0] < 1 || shape[0] > MAX_DIM || shape[1] < 1 || shape[1] > MAX_WIDTH || shape[2] != 1 ||
-        (shape[3] != RELU && shape[3] != TANH))
+                           const Options *options, double *grad_weights, int threads) {
+    const Options *o = options;
+    if (o->dim < 1 || o->dim > MAX_DIM || o->hidden < 1 || o->hidden > MAX_WIDTH || o->depth != 1 ||
+        (o->activation != RELU && o->activation != TANH))
         return -1;
-    const int d = shape[0], hidden = shape[1];
-    const int sums = 2 * ((d + 1) * hidden + (hidden + 1) * d) + 4 * d * d + d * d + 2 * d + 1 + 2 * d * d + d;
+    const int sums = weight_layout(o->dim, o->hidden, 1).total;
     float *const buffers[4] = {state[0], state[1], state[2], grad_p};
-    const Kernel kernel = {buffers, weights, shape, scalars, 0, sums};
+    const Kernel kernel = {buffers, weights, options, 0, sums};
     return run_backward(backward_segment, kernel, n, grad, grad_p, grad_weights, threads);
 }

@@ -12,12 +12,22 @@
    is one vector operation and the weights are scalars broadcast across the lanes.
 
    state: hc [total, layers, 2, hidden] (h, then c, of each layer).
-   shape: input size (2 or 1), hidden, layers.
-   scalars: e^-p, p, e^p (the preprocessing), out_mul, lr.
-   weights, packed by CoordinatewiseLSTM._fused_inputs: per layer W [4 hidden, in + hidden] (weight_ih
-   and weight_hh side by side), b [4 hidden] (bias_ih + bias_hh); then the read-out w [hidden], b [1]. */
+   options: Options below. weights: packed by CoordinatewiseLSTM._fused_inputs in weights_at's order. */
 
 #include "fused_common.h"
+
+/* The settings, by name; LSTMKernelOptions (metaopt/optimizers/lstm.py) mirrors it field by field. */
+typedef struct {
+    int in_size, hidden, layers;               /* in_size: 2 with the log/sign preprocessing, else 1 */
+    float threshold, log_divisor, small_scale; /* the preprocessing: e^-p, p, e^p */
+    float out_mul, lr;
+} Options;
+
+/* Where layer `layer`'s weights start: per layer W [4 hidden, in + hidden] (weight_ih and weight_hh side
+   by side), then b [4 hidden] (bias_ih + bias_hh); at layer = layers, the read-out w [hidden], b [1]. */
+INLINE int weights_at(const int in_size, const int hidden, const int layer) {
+    return layer == 0 ? 0 : 4 * hidden * (in_size + hidden + 1) + (layer - 1) * 4 * hidden * (2 * hidden + 1);
+}
 
 #define MAX_HIDDEN 64
 #define MAX_LAYERS 4
@@ -102,7 +112,9 @@ INLINE void inputs_backward(const float *W, const V8 *bar_gate, const int first,
    tape, and returns the update before out_mul; h' and c' go into next (same layout as hc). */
 INLINE V8 forward_block(const Kernel *kernel, const float *g, const float *hc, float *next, const int stride,
                         Tape *t, const int in_size, const int hidden, const int layers) {
-    const float threshold = kernel->scalars[0], log_divisor = kernel->scalars[1], small_scale = kernel->scalars[2];
+    const Options *options = kernel->options;
+    const float threshold = options->threshold, log_divisor = options->log_divisor,
+                small_scale = options->small_scale;
     Lanes f0, f1;
     for (int l = 0; l < LANES; l++) {
         if (in_size == 2)
@@ -112,16 +124,15 @@ INLINE V8 forward_block(const Kernel *kernel, const float *g, const float *hc, f
     }
     memcpy(&t->layer[0].in[0], f0, sizeof f0);
     if (in_size == 2) memcpy(&t->layer[0].in[1], f1, sizeof f1);
-    const float *w = kernel->weights;
     int x_size = in_size;
     for (int layer = 0; layer < layers; layer++) {
         Layer *lt = &t->layer[layer];
         const int k_size = x_size + hidden, offset = layer * 2 * hidden;
+        const float *w = kernel->weights + weights_at(in_size, hidden, layer);
         for (int k = 0; k < hidden; k++)
             for (int l = 0; l < LANES; l++)
                 lt->in[x_size + k][l] = hc[l * stride + offset + k], lt->c[k][l] = hc[l * stride + offset + hidden + k];
         gates_forward(w, w + 4 * hidden * k_size, k_size, 4 * hidden, lt);
-        w += 4 * hidden * (k_size + 1);
         V8 *h_next = layer + 1 < layers ? t->layer[layer + 1].in : t->top;
         for (int j = 0; j < hidden; j++) {
             const V8 i = sigmoid8(lt->gate[j]), f = sigmoid8(lt->gate[hidden + j]),
@@ -136,6 +147,7 @@ INLINE V8 forward_block(const Kernel *kernel, const float *g, const float *hc, f
         }
         x_size = hidden;
     }
+    const float *w = kernel->weights + weights_at(in_size, hidden, layers);
     V8 out = splat(w[hidden]);
     for (int j = 0; j < hidden; j++) out += w[j] * t->top[j];
     return out;
@@ -144,7 +156,8 @@ INLINE V8 forward_block(const Kernel *kernel, const float *g, const float *hc, f
 /* The steps of n consecutive coordinates: state and parameters updated in place. */
 INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
                              const int in_size, const int hidden, const int layers) {
-    const float out_mul = kernel->scalars[3], lr = kernel->scalars[4];
+    const Options *o = kernel->options;
+    const float out_mul = o->out_mul, lr = o->lr;
     const int stride = 2 * hidden * layers;
     float *hc = kernel->state[0] + first * stride;
     Tape tape;
@@ -167,22 +180,22 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
 static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
                          int share) {
     (void)share;
-    const int *shape = kernel->shape; /* input size, hidden, layers */
-    if (shape[0] == 2 && shape[1] == 20 && shape[2] == 2) /* the default (Andrychowicz et al.'s) */
+    const Options *o = kernel->options;
+    if (o->in_size == 2 && o->hidden == 20 && o->layers == 2) /* the default (Andrychowicz et al.'s) */
         step_coordinates(kernel, grad, param, first, n, 2, 20, 2);
     else
-        step_coordinates(kernel, grad, param, first, n, shape[0], shape[1], shape[2]);
+        step_coordinates(kernel, grad, param, first, n, o->in_size, o->hidden, o->layers);
 }
 
-static int shape_taken(const int *shape) {
-    return (shape[0] == 1 || shape[0] == 2) && shape[1] >= 1 && shape[1] <= MAX_HIDDEN &&
-           shape[2] >= 1 && shape[2] <= MAX_LAYERS;
+static int options_taken(const Options *o) {
+    return (o->in_size == 1 || o->in_size == 2) && o->hidden >= 1 && o->hidden <= MAX_HIDDEN && o->layers >= 1 &&
+           o->layers <= MAX_LAYERS;
 }
 
 int lstm_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
-              float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
-    if (!shape_taken(shape)) return -1;
-    const Kernel kernel = {state, weights, shape, scalars, 0, 0};
+              float *const *state, const float *weights, const Options *options, int threads) {
+    if (!options_taken(options)) return -1;
+    const Kernel kernel = {state, weights, options, 0, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }
@@ -206,16 +219,13 @@ INLINE void backward_block(const Kernel *kernel, const float *g, const float *hc
                            const int in_size, const int hidden, const int layers) {
     const int stride = 2 * hidden * layers;
     forward_block(kernel, g, hc, 0, stride, t, in_size, hidden, layers);
-    const float *w = kernel->weights;
     const float *layer_w[MAX_LAYERS];
-    for (int layer = 0, x_size = in_size; layer < layers; layer++, x_size = hidden) {
-        layer_w[layer] = w;
-        w += 4 * hidden * (x_size + hidden + 1);
-    }
-    const int head = (int)(w - kernel->weights);
+    for (int layer = 0; layer < layers; layer++) layer_w[layer] = kernel->weights + weights_at(in_size, hidden, layer);
+    const int head = weights_at(in_size, hidden, layers);
+    const float *w = kernel->weights + head;
     V8 bar_out;
     memcpy(&bar_out, grad_update, sizeof bar_out);
-    bar_out *= kernel->scalars[3];
+    bar_out *= ((const Options *)kernel->options)->out_mul;
     *(V8 *)&chunk->lanes[(head + hidden) * LANES] += bar_out;
     V8 bar_h[MAX_HIDDEN]; /* dL/dh' of the current layer */
     for (int j = 0; j < hidden; j++) {
@@ -320,18 +330,17 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, int64_t first,
 static void backward_segment(const Kernel *kernel, const float *grad, float *unused, int64_t first, int64_t n,
                              int share) {
     (void)unused;
-    const int *shape = kernel->shape;
-    if (shape[0] == 2 && shape[1] == 20 && shape[2] == 2)
+    const Options *o = kernel->options;
+    if (o->in_size == 2 && o->hidden == 20 && o->layers == 2)
         backward_run(kernel, grad, first, n, share, 2, 20, 2);
     else
-        backward_run(kernel, grad, first, n, share, shape[0], shape[1], shape[2]);
+        backward_run(kernel, grad, first, n, share, o->in_size, o->hidden, o->layers);
 }
 
 int lstm_step_backward(int64_t n, const float *grad, float *const *state, float *grad_hc, const float *weights,
-                       const int *shape, const float *scalars, double *grad_weights, int threads) {
-    if (!shape_taken(shape)) return -1;
-    const int in_size = shape[0], hidden = shape[1], layers = shape[2];
-    int sums = 4 * hidden * (in_size + hidden + 1) + (layers - 1) * 4 * hidden * (2 * hidden + 1) + hidden + 1;
+                       const Options *options, double *grad_weights, int threads) {
+    if (!options_taken(options)) return -1;
+    const int sums = weights_at(options->in_size, options->hidden, options->layers) + options->hidden + 1;
     float *const buffers[4] = {state[0], state[1], state[2], grad_hc};
     /* each share's chunk buffer and per-lane sums (about 1 MiB at the default shape) */
     const int shares = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
@@ -341,7 +350,7 @@ int lstm_step_backward(int64_t n, const float *grad, float *const *state, float 
     int status = -2;
     if (chunks && lanes) {
         for (int t = 0; t < shares; t++) chunks[t].lanes = (float *)(lanes + t * lane_bytes);
-        const Kernel kernel = {buffers, weights, shape, scalars, 0, sums, chunks};
+        const Kernel kernel = {buffers, weights, options, 0, sums, chunks};
         status = run_backward(backward_segment, kernel, n, grad, grad_hc, grad_weights, shares);
     }
     free(chunks);

@@ -15,18 +15,44 @@
    (e^10 g below e^-10), and the energy is averaged over ±p.
 
    state: p [total] (and v [total] with normalize).
-   shape: hidden, preprocess, learned energy, learned dissipation, learned port, normalize,
-          sign-equivariant, state features.
-   scalars: h, A₀, e^-10, 10, e^10 (the preprocessing), β, 1 − β, 1 − β^(t+1), lr.
-   weights, packed by PHNN._fused_inputs, each block only when learned (nn.Linear weights [out, in]):
-     energy W [hidden, 1 + features], b [hidden], w [hidden]
-     dissipation W [hidden, inputs], b [hidden], w [hidden], c [1]
-     port W [hidden, inputs], b [hidden], W_out [2, hidden] (gain, offset), b_out [2]
-   (inputs = features, plus 1 with state features) */
+   options: Options below. weights: packed by PHNN._fused_inputs in weight_layout's order. */
 
 #include "fused_common.h"
 
 #define MAX_WIDTH 64
+
+/* The settings, by name; PHNNKernelOptions (metaopt/optimizers/phnn.py) mirrors it field by field. */
+typedef struct {
+    int hidden, preprocess, learned_energy, learned_dissipation, learned_port, normalize, equivariant, state_features;
+    float h, a0;                                /* step size, A₀ */
+    float threshold, log_divisor, small_scale; /* the preprocessing: e^-10, 10, e^10 */
+    float beta, one_minus_beta, correction;    /* normalize: β, 1 − β, 1 − β^(t+1) */
+    float lr;
+} Options;
+
+/* Where each learned part's weights start (nn.Linear weights are [out, in]); a part that is not
+   learned takes no room:
+     energy W [hidden, 1 + features], b [hidden], w [hidden]
+     dissipation W [hidden, inputs], b [hidden], w [hidden], c [1]
+     port W [hidden, inputs], b [hidden], W_out [2, hidden] (gain, offset), b_out [2]
+   with inputs = features, plus 1 with state features. */
+typedef struct {
+    int energy_W, energy_b, energy_w, dissipation_W, dissipation_b, dissipation_w, dissipation_c, port_W, port_b,
+        port_w, port_c, total;
+} Layout;
+
+INLINE Layout weight_layout(const int hidden, const int features, const int inputs, const int learned_energy,
+                            const int learned_dissipation, const int learned_port) {
+    Layout o;
+    o.energy_W = 0, o.energy_b = hidden * (1 + features), o.energy_w = o.energy_b + hidden;
+    o.dissipation_W = learned_energy ? o.energy_w + hidden : 0;
+    o.dissipation_b = o.dissipation_W + hidden * inputs, o.dissipation_w = o.dissipation_b + hidden;
+    o.dissipation_c = o.dissipation_w + hidden;
+    o.port_W = learned_dissipation ? o.dissipation_c + 1 : o.dissipation_W;
+    o.port_b = o.port_W + hidden * inputs, o.port_w = o.port_b + hidden, o.port_c = o.port_w + 2 * hidden;
+    o.total = learned_port ? o.port_c + 2 : o.port_W;
+    return o;
+}
 
 /* tanh (fused_common.h's rational approximation), branch-free so that it vectorises. */
 INLINE float tanh_approx(float x) {
@@ -60,16 +86,17 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
                              const int hidden, const int preprocess, const int learned_energy,
                              const int learned_dissipation, const int learned_port, const int normalize,
                              const int equivariant, const int state_features) {
-    const float *s = kernel->scalars;
-    const float h = s[0], a0 = s[1], threshold = s[2], log_divisor = s[3], small_scale = s[4], beta = s[5],
-                one_minus_beta = s[6], correction = s[7], lr = s[8];
+    const Options *o = kernel->options;
+    const float h = o->h, a0 = o->a0, threshold = o->threshold, log_divisor = o->log_divisor,
+                small_scale = o->small_scale, beta = o->beta, one_minus_beta = o->one_minus_beta,
+                correction = o->correction, lr = o->lr;
     const int features = preprocess && !equivariant ? 2 : 1, inputs = features + state_features;
-    const float *energy = kernel->weights, *dissipation = energy + (learned_energy ? hidden * (2 + features) + hidden : 0),
-                *port = dissipation + (learned_dissipation ? hidden * (inputs + 2) + 1 : 0);
-    const float *energy_b = energy + hidden * (1 + features), *energy_w = energy_b + hidden;
-    const float *dissipation_b = dissipation + hidden * inputs, *dissipation_w = dissipation_b + hidden,
-                *dissipation_c = dissipation_w + hidden;
-    const float *port_b = port + hidden * inputs, *port_w = port_b + hidden, *port_c = port_w + 2 * hidden;
+    const Layout L = weight_layout(hidden, features, inputs, learned_energy, learned_dissipation, learned_port);
+    const float *w = kernel->weights;
+    const float *energy = w + L.energy_W, *energy_b = w + L.energy_b, *energy_w = w + L.energy_w;
+    const float *dissipation = w + L.dissipation_W, *dissipation_b = w + L.dissipation_b,
+                *dissipation_w = w + L.dissipation_w, *dissipation_c = w + L.dissipation_c;
+    const float *port = w + L.port_W, *port_b = w + L.port_b, *port_w = w + L.port_w, *port_c = w + L.port_c;
     float *p_state = kernel->state[0] + first, *v_state = normalize ? kernel->state[1] + first : 0;
 
     for (int64_t i = 0; i < n; i++) {
@@ -130,24 +157,23 @@ INLINE void step_coordinates(const Kernel *kernel, const float *grad, float *par
 
 static void step_segment(const Kernel *kernel, const float *grad, float *param, int64_t first, int64_t n,
                          int share) {
-    /* shape: hidden, preprocess, learned energy, dissipation, port, normalize, sign-equivariant,
-       state features */
-    const int *shape = kernel->shape, usual = shape[0] == 16 && shape[1] && shape[2] && shape[3] && shape[4];
-    if (usual && !shape[5] && !shape[6] && !shape[7]) /* the default phnn */
+    const Options *o = kernel->options;
+    const int usual = o->hidden == 16 && o->preprocess && o->learned_energy && o->learned_dissipation && o->learned_port;
+    if (usual && !o->normalize && !o->equivariant && !o->state_features) /* the default phnn */
         step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 0, 0, 0);
-    else if (usual && shape[5] && !shape[6] && !shape[7]) /* normalize */
+    else if (usual && o->normalize && !o->equivariant && !o->state_features) /* normalize */
         step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 1, 0, 0);
-    else if (usual && shape[5] && shape[6] && !shape[7]) /* normalize and sign-equivariant: the ReLU transfer */
+    else if (usual && o->normalize && o->equivariant && !o->state_features) /* the ReLU transfer */
         step_coordinates(kernel, grad, param, first, n, 16, 1, 1, 1, 1, 1, 1, 0);
     else
-        step_coordinates(kernel, grad, param, first, n, shape[0], shape[1], shape[2], shape[3], shape[4], shape[5],
-                         shape[6], shape[7]);
+        step_coordinates(kernel, grad, param, first, n, o->hidden, o->preprocess, o->learned_energy,
+                         o->learned_dissipation, o->learned_port, o->normalize, o->equivariant, o->state_features);
 }
 
 int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, const float *const *grads,
-              float *const *state, const float *weights, const int *shape, const float *scalars, int threads) {
-    if (shape[0] < 1 || shape[0] > MAX_WIDTH) return -1;
-    const Kernel kernel = {state, weights, shape, scalars, 0, 0};
+              float *const *state, const float *weights, const Options *options, int threads) {
+    if (options->hidden < 1 || options->hidden > MAX_WIDTH) return -1;
+    const Kernel kernel = {state, weights, options, 0, 0};
     run_threads(step_segment, &kernel, segments, sizes, params, grads, threads);
     return 0;
 }
@@ -169,14 +195,16 @@ int phnn_step(int64_t segments, const int64_t *sizes, float *const *params, cons
 INLINE void backward_block(const Kernel *kernel, const float *grad, const float *p, const float *v,
                            const float *grad_update, const float *grad_p_next, float *grad_p, float *acc,
                            const int hidden, const int preprocess, const int normalize) {
-    const float *s = kernel->scalars, *w = kernel->weights;
-    const float h = s[0], a0 = s[1], threshold = s[2], log_divisor = s[3], small_scale = s[4], beta = s[5],
-                one_minus_beta = s[6], correction = s[7];
-    const int F = preprocess ? 2 : 1, energy_size = hidden * (3 + F), dissipation_size = hidden * (F + 2) + 1,
-              port_size = hidden * (F + 3) + 2, total = energy_size + dissipation_size + port_size;
-    const int W = 0, bH = hidden * (1 + F), wH = bH + hidden;                               /* energy */
-    const int R = energy_size, bR = R + hidden * F, uR = bR + hidden, cR = uR + hidden;      /* dissipation */
-    const int Q = energy_size + dissipation_size, bQ = Q + hidden * F, P = bQ + hidden, pc = P + 2 * hidden;
+    const Options *o = kernel->options;
+    const float *w = kernel->weights;
+    const float h = o->h, a0 = o->a0, threshold = o->threshold, log_divisor = o->log_divisor,
+                small_scale = o->small_scale, beta = o->beta, one_minus_beta = o->one_minus_beta,
+                correction = o->correction;
+    const int F = preprocess ? 2 : 1;
+    const Layout L = weight_layout(hidden, F, F, 1, 1, 1);
+    const int W = L.energy_W, bH = L.energy_b, wH = L.energy_w, total = L.total;
+    const int R = L.dissipation_W, bR = L.dissipation_b, uR = L.dissipation_w, cR = L.dissipation_c;
+    const int Q = L.port_W, bQ = L.port_b, P = L.port_w, pc = L.port_c;
 #define ACC(k) (acc + (int64_t)(k) * LANES)
 
     Lanes g, f[2];
@@ -301,20 +329,23 @@ INLINE void backward_run(const Kernel *kernel, const float *grad, float *grad_p,
 
 static void backward_segment(const Kernel *kernel, const float *grad, float *grad_p, int64_t first, int64_t n,
                              int share) {
-    const int *shape = kernel->shape; /* as the forward's */
-    if (shape[0] == 16 && shape[1] && !shape[5])
+    const Options *o = kernel->options; /* as the forward's */
+    if (o->hidden == 16 && o->preprocess && !o->normalize)
         backward_run(kernel, grad, grad_p, first, n, share, 16, 1, 0);
-    else if (shape[0] == 16 && shape[1] && shape[5])
+    else if (o->hidden == 16 && o->preprocess && o->normalize)
         backward_run(kernel, grad, grad_p, first, n, share, 16, 1, 1);
     else
-        backward_run(kernel, grad, grad_p, first, n, share, shape[0], shape[1], shape[5]);
+        backward_run(kernel, grad, grad_p, first, n, share, o->hidden, o->preprocess, o->normalize);
 }
 
 int phnn_step_backward(int64_t n, const float *grad, float *const *state, float *grad_p, const float *weights,
-                       const int *shape, const float *scalars, double *grad_weights, int threads) {
-    if (shape[0] < 1 || shape[0] > MAX_WIDTH || !shape[2] || !shape[3] || !shape[4] || shape[6] || shape[7]) return -1;
-    const int F = shape[1] ? 2 : 1, hidden = shape[0];
-    const int sums = hidden * (3 + F) + hidden * (F + 2) + 1 + hidden * (F + 3) + 2 + 2; /* weights, h, A₀ */
-    const Kernel kernel = {state, weights, shape, scalars, 0, sums};
+                       const Options *options, double *grad_weights, int threads) {
+    const Options *o = options;
+    if (o->hidden < 1 || o->hidden > MAX_WIDTH || !o->learned_energy || !o->learned_dissipation ||
+        !o->learned_port || o->equivariant || o->state_features)
+        return -1;
+    const int F = o->preprocess ? 2 : 1;
+    const int sums = weight_layout(o->hidden, F, F, 1, 1, 1).total + 2; /* the weights, dL/dh, dL/dA₀ */
+    const Kernel kernel = {state, weights, options, 0, sums};
     return run_backward(backward_segment, kernel, n, grad, grad_p, grad_weights, threads);
 }
