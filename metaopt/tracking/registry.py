@@ -1,4 +1,4 @@
-"""The MLflow Model Registry for trained optimizers, and ``load_optimizer`` for users.
+"""The MLflow Model Registry for trained optimizers (``metaopt.load_optimizer`` loads through ``resolve_checkpoint``).
 
 A registered optimizer is an MLflow pyfunc model (logged from code, pickle-free) whose artifacts
 hold the checkpoint (``optimizer.safetensors`` + ``spec.json``), the meta-training config and the
