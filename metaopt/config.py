@@ -53,7 +53,17 @@ class MnistMLPTaskConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
 
 
-TaskConfig = Annotated[QuadraticTaskConfig | MnistMLPTaskConfig, Field(discriminator="kind")]
+class ModuleTaskConfig(StrictModel):
+    """Optimizees from any torch.nn.Module: ``factory`` (``package.module:function``) returns a
+    ``metaopt.tasks.ModuleTaskSpec`` (the model, its data and its loss); a minibatch of ``batch_size``
+    examples every step."""
+
+    kind: Literal["module"] = "module"
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    batch_size: int = Field(32, ge=1)
+
+
+TaskConfig = Annotated[QuadraticTaskConfig | MnistMLPTaskConfig | ModuleTaskConfig, Field(discriminator="kind")]
 
 
 def _check_options(kind: str, options: dict[str, Any]) -> None:

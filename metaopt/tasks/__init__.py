@@ -8,6 +8,7 @@ import torch
 from metaopt.tasks.base import Optimizees, Split, TaskFamily, optimizee_seeds
 from metaopt.tasks.data import DataNotFoundError, mnist_half
 from metaopt.tasks.mlp import MnistMLP
+from metaopt.tasks.module import ModuleTask, ModuleTaskSpec, load_factory
 from metaopt.tasks.quadratic import Quadratic
 
 
@@ -28,7 +29,9 @@ def make_task(config, half: Split, device: torch.device | str = "cpu", data=None
             device=device,
             data=data,
         )
-    raise ValueError(f"unknown task kind {config.kind!r}; allowed: quadratic, mnist_mlp")
+    if config.kind == "module":
+        return ModuleTask(load_factory(config.factory)(), config.batch_size, half, device)
+    raise ValueError(f"unknown task kind {config.kind!r}; allowed: quadratic, mnist_mlp, module")
 
 
 def task_data(config, half: Split) -> tuple[np.ndarray, np.ndarray] | None:
@@ -42,6 +45,8 @@ def task_data(config, half: Split) -> tuple[np.ndarray, np.ndarray] | None:
 __all__ = [
     "DataNotFoundError",
     "MnistMLP",
+    "ModuleTask",
+    "ModuleTaskSpec",
     "Optimizees",
     "Quadratic",
     "Split",
