@@ -19,3 +19,8 @@ def log_sign_preprocess(grads: Tensor, p: float = 10.0) -> Tensor:
     magnitude = torch.where(large, grads.abs().clamp_min(threshold).log() / p, torch.full_like(grads, -1.0))
     direction = torch.where(large, torch.sign(grads), grads * math.exp(p))
     return torch.stack([magnitude, direction], dim=-1)
+
+
+def log_sign_constants(p: float = 10.0) -> dict[str, float]:
+    """``log_sign_preprocess``'s constants as the fused kernels take them: e^-p, p and e^p, by name."""
+    return {"threshold": math.exp(-p), "log_divisor": p, "small_scale": math.exp(p)}

@@ -5,13 +5,12 @@ cross-coordinate normalisation."""
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
 from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
-from metaopt.optimizers.features import log_sign_preprocess
+from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
 from metaopt.optimizers.native import FusedUnsupported
 from metaopt.optimizers.phnn import ACTIVATIONS, Activation
 
@@ -118,16 +117,13 @@ class HNNSeed(NetworkOptimizer):
             for name in self._packed_names()
         ]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
-        p = self.preprocess_p
         options = HNNSeedKernelOptions(
             dim=self.dim,
             hidden=width,
             depth=self.depth,
             activation=_ACTIVATION_CODES[self.activation],
             preprocess=self.preprocess,
-            threshold=math.exp(-p),
-            log_divisor=p,
-            small_scale=math.exp(p),
+            **log_sign_constants(self.preprocess_p),
             out_mul=self.out_mul,
             lr=lr,
         )

@@ -4,13 +4,12 @@ by gradient descent"."""
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
 from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
-from metaopt.optimizers.features import log_sign_preprocess
+from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
 from metaopt.optimizers.native import FusedUnsupported
 
 _MAX_FUSED_HIDDEN, _MAX_FUSED_LAYERS = 64, 4  # MAX_HIDDEN, MAX_LAYERS in csrc/lstm_step.c
@@ -124,14 +123,11 @@ class CoordinatewiseLSTM(NetworkOptimizer):
             ]
         packed += [meta_params["head.weight"], meta_params["head.bias"]]
         weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
-        p = self.preprocess_p
         options = LSTMKernelOptions(
             in_size=self.input_size,
             hidden=self.hidden,
             layers=self.layers,
-            threshold=math.exp(-p),
-            log_divisor=p,
-            small_scale=math.exp(p),
+            **log_sign_constants(self.preprocess_p),
             out_mul=self.out_mul,
             lr=lr,
         )

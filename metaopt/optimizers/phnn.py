@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
-from metaopt.optimizers.features import log_sign_preprocess
+from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
 from metaopt.optimizers.native import FusedUnsupported
 
 HamiltonianChoice = Literal["learned", "quadratic"]
@@ -346,9 +346,7 @@ class PHNN(NetworkOptimizer):
             state_features=self.state_features,
             h=h,
             a0=a0,
-            threshold=math.exp(-10.0),
-            log_divisor=10.0,
-            small_scale=math.exp(10.0),
+            **log_sign_constants(),
             beta=beta,
             one_minus_beta=1 - beta,
             correction=1 - beta ** (step + 1),
