@@ -53,6 +53,9 @@ class Optimizer(ABC):
         """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
         overwritten, in one pass of the native kernel ``fused_kernel``. Raises ``FusedUnsupported``
         for inputs or options it does not take and ``NativeUnavailable`` where it cannot be built."""
+        refused = self._fused_unsupported()
+        if refused:
+            raise FusedUnsupported(refused)
         weights, options = self._fused_inputs(meta_params, step, lr)
         run_fused(
             self.fused_kernel,
@@ -63,17 +66,21 @@ class Optimizer(ABC):
             options,
         )
 
+    def _fused_unsupported(self) -> str | None:
+        """Why ``fused_kernel`` does not take this optimizer's options, or None where it does."""
+        return None
+
     def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, ctypes.Structure]:
         """The kernel's packed weights and its ``Options`` (a ctypes struct of named settings, the C
-        kernel's own); ``FusedUnsupported`` for options it does not take."""
-        raise FusedUnsupported(f"optimizer {self.kind!r} has no fused step")
+        kernel's own), for options it takes."""
+        raise NotImplementedError(f"optimizer {self.kind!r} has no fused step")
 
     def update_no_grad(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
         """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
         takes the tensors (float32 CPU, the options it covers), else ``update``."""
-        if fused_refusal(self, meta_params, [grads, *state.values()]) is None:
+        if fused_refusal(self, [grads, *state.values()]) is None:
             keys = list(state)
             updates, new_states = _run_fused_update(
                 self.fused_kernel, self._fused_inputs(meta_params, step, 1.0), grads, [state[key] for key in keys]
@@ -88,7 +95,7 @@ class Optimizer(ABC):
         argument has a leading axis of size P. Vectorised with ``torch.func.vmap``, except where the fused
         kernel takes the options and tensors (float32 CPU): it then runs once per particle."""
         particles = [{k: v[i] for k, v in meta_params.items()} for i in range(len(grads))]
-        if fused_refusal(self, particles[0], [grads, *state.values()]) is not None:
+        if fused_refusal(self, [grads, *state.values()]) is not None:
             return torch.func.vmap(self.update, in_dims=(0, 0, 0, None))(meta_params, grads, state, step)
         results = [
             self.update_no_grad(particle, grads[i], {k: v[i] for k, v in state.items()}, step)
@@ -181,7 +188,7 @@ class NetworkOptimizer(Optimizer):
             and torch.is_grad_enabled()
             and any(v.requires_grad for v in meta_params.values())
             and not grads.requires_grad
-            and fused_refusal(self, meta_params, [grads, *state.values(), *meta_params.values()]) is None
+            and fused_refusal(self, [grads, *state.values(), *meta_params.values()]) is None
         ):
             return None
         fused_inputs = self._fused_inputs(meta_params, step, 1.0)
@@ -254,7 +261,7 @@ def _run_fused_update(
     return updates, new_states
 
 
-def fused_refusal(optimizer: Optimizer, meta_params: MetaParams, tensors: list[Tensor]) -> str | None:
+def fused_refusal(optimizer: Optimizer, tensors: list[Tensor]) -> str | None:
     """Why ``optimizer``'s native kernel cannot step ``tensors`` (parameters, gradients, state), or None when it
     can: the one place that decides between the fused step and the batched update, as ``torch.optim`` does in
     ``_default_to_fused_or_foreach``. The kernel needs options it takes, contiguous float32 CPU tensors, and a
@@ -263,11 +270,11 @@ def fused_refusal(optimizer: Optimizer, meta_params: MetaParams, tensors: list[T
         return f"optimizer {optimizer.kind!r} has no fused step"
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
         return f"the fused step ({optimizer.fused_kernel}.c) takes contiguous float32 CPU tensors only"
+    refused = optimizer._fused_unsupported()
+    if refused:
+        return refused
     try:
-        optimizer._fused_inputs(meta_params, 0, 1.0)
         library(optimizer.fused_kernel)
-    except FusedUnsupported as refused:
-        return str(refused)
     except NativeUnavailable as error:
         if not getattr(error, "warned", False):  # library() raises the same error on every later call
             warnings.warn(f"{optimizer.kind} runs the batched update: the fused kernel cannot be built ({error})")

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported
 from metaopt.optimizers.phnn import ACTIVATIONS, Activation
 
 
@@ -108,10 +107,14 @@ class HNNSeed(NetworkOptimizer):
         raw, p = self.apply(meta_params, q, state["p"].reshape(-1, self.dim))
         return self.out_mul * raw.reshape(grads.shape), {"p": p.reshape(grads.shape + (self.dim,))}
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, HNNSeedKernelOptions]:
+    def _fused_unsupported(self) -> str | None:
         width = self.hidden or self.dim
         if width > _MAX_FUSED_WIDTH:
-            raise FusedUnsupported(f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}")
+            return f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}"
+        return None
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, HNNSeedKernelOptions]:
+        width = self.hidden or self.dim
         packed = [
             meta_params[name] if name != "L" else meta_params["L"] @ meta_params["L"].T  # M = L·Lᵀ
             for name in self._packed_names()

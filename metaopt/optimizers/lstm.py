@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported
 
 _MAX_FUSED_HIDDEN, _MAX_FUSED_LAYERS = 64, 4  # MAX_HIDDEN, MAX_LAYERS in csrc/lstm_step.c
 
@@ -108,12 +107,15 @@ class CoordinatewiseLSTM(NetworkOptimizer):
         )
         return self.out_mul * output.reshape(grads.shape), {"hc": hc.reshape(state["hc"].shape)}
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, LSTMKernelOptions]:
+    def _fused_unsupported(self) -> str | None:
         if self.hidden > _MAX_FUSED_HIDDEN or self.layers > _MAX_FUSED_LAYERS:
-            raise FusedUnsupported(
+            return (
                 f"the fused lstm step takes hidden <= {_MAX_FUSED_HIDDEN} and layers <= "
                 f"{_MAX_FUSED_LAYERS}, got {self.hidden} and {self.layers}"
             )
+        return None
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, LSTMKernelOptions]:
         packed = []
         for layer in range(self.layers):  # W = [weight_ih, weight_hh], b = bias_ih + bias_hh
             cell = f"cells.{layer}."

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
-from metaopt.optimizers.native import FusedUnsupported
 
 HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
@@ -310,9 +309,7 @@ class PHNN(NetworkOptimizer):
             updates = updates * schedule_scale(meta_params["schedule"], step, self.horizon, self.init_momentum)
         return updates.reshape(grads.shape), {"p": p.reshape(grads.shape + (k,)), **new_state}
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, PHNNKernelOptions]:
-        """The packed weights and options of ``csrc/phnn_step.c``; ``FusedUnsupported`` for options it
-        does not take."""
+    def _fused_unsupported(self) -> str | None:
         refused = [
             name
             for name, off in (
@@ -324,8 +321,10 @@ class PHNN(NetworkOptimizer):
             )
             if off
         ]
-        if refused:
-            raise FusedUnsupported(f"the fused phnn step does not take {', '.join(refused)}")
+        return f"the fused phnn step does not take {', '.join(refused)}" if refused else None
+
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, PHNNKernelOptions]:
+        """The packed weights and options of ``csrc/phnn_step.c``."""
         packed = [meta_params[name] for name in self._packed_names()]
         weights = torch.cat([w.detach().reshape(-1).float() for w in packed]) if packed else torch.zeros(1)
         h = float(meta_params["log_h"].detach().float().exp())

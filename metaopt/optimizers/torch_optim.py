@@ -186,7 +186,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             )
         grads = [g.reshape(-1) for g in grads]
         if self.fused is not False:
-            refusal = fused_refusal(self.optimizer, meta_params, [*params, *grads, *state.values()])
+            refusal = fused_refusal(self.optimizer, [*params, *grads, *state.values()])
             if refusal is None:
                 self.optimizer.fused_step(meta_params, params, grads, state, step, float(lr))
                 return
