@@ -85,6 +85,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ray_start(temp_dir: Path, *options: str) -> subprocess.Popen:
+    """``ray start --block`` on 127.0.0.1 in its own process group, logging to ``temp_dir``.log."""
+    command = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--num-gpus=0",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        *options,
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    with open(temp_dir.with_suffix(".log"), "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> RayCluster:
     """``ray start --head --block`` on 127.0.0.1 (2 CPUs, dashboard for the job API), stopped by its PID.
@@ -95,38 +114,27 @@ def ray_cluster() -> RayCluster:
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     dashboard_port = _free_port()
-    command = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
+    head = ray_start(
+        temp_dir,
         "--head",
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1",
         "--port=0",
-        f"--temp-dir={temp_dir}",
         "--num-cpus=2",
-        "--num-gpus=0",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={_free_port()}",
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(temp_dir.with_suffix(".log"), "w")
-    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    )
     address_file = temp_dir / "ray_current_cluster"
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 120
         while not (address_file.exists() and _answers(f"{dashboard_url}/api/version")):
             if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start --head failed; see {log.name}")
+                raise RuntimeError(f"ray start --head failed; see {temp_dir.with_suffix('.log')}")
             time.sleep(0.5)
         yield RayCluster(address_file.read_text().strip(), dashboard_url, head.pid)
     finally:
         _stop_group(head)
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import _free_port, _stop_group
+from conftest import _free_port, _stop_group, ray_start
 from test_distributed import config, cpu_ticks, train_on_ray
 
 from metaopt.config import ConfigError
@@ -37,25 +36,6 @@ HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold"
 # One `rollout` per node: workers asking for one each land one per node, although the second node
 # alone has the CPUs for two.
 NODE_RESOURCES = json.dumps({"rollout": 1})
-
-
-def ray_start(temp_dir: Path, *options: str) -> subprocess.Popen:
-    """``ray start --block`` on 127.0.0.1 in its own process group, logging to ``temp_dir``.log."""
-    command = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1",
-        f"--temp-dir={temp_dir}",
-        "--num-gpus=0",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        *options,
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    with open(temp_dir.with_suffix(".log"), "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def process_tree(root: int) -> list[int]:

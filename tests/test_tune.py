@@ -122,23 +122,17 @@ def test_pbt_mutates_only_what_can_change_mid_run():
     assert set(PBT_MUTABLE) == {"train.meta_lr", "train.unroll", "train.grad_clip"}
 
 
+def tune_args(path, address: str, folder_option: str, folder) -> list[str]:
+    """``metaopt tune`` on ``path`` at ``address`` with ``--output`` or ``--resume`` ``folder``, untracked, quiet."""
+    return ["tune", str(path), "--address", address, folder_option, str(folder), "--no-tracking", "--no-progress"]
+
+
 def test_a_trial_the_cluster_cannot_host_fails_before_any_trial(ray_cluster, tmp_path, capsys):
     path = write_search(tmp_path)
     spec = yaml.safe_load(path.read_text())
     spec["set"] = {"distributed": {"workers": 2, "num_cpus": 1}}  # + the learner's CPU: 3 > 2
     path.write_text(yaml.safe_dump(spec))
-    code = main(
-        [
-            "tune",
-            str(path),
-            "--address",
-            ray_cluster.address,
-            "--output",
-            str(tmp_path / "search"),
-            "--no-tracking",
-            "--no-progress",
-        ]
-    )
+    code = main(tune_args(path, ray_cluster.address, "--output", tmp_path / "search"))
     assert code == 2
     assert (
         "one trial needs 3 CPU (search.trial_cpus + distributed.workers 2 × num_cpus 1.0) but the Ray cluster "
@@ -265,21 +259,7 @@ def test_optuna_and_pbt_searches_run_for_real(ray_cluster, tmp_path, searcher):
             },
         )
     folder = tmp_path / "search"
-    assert (
-        main(
-            [
-                "tune",
-                str(path),
-                "--address",
-                ray_cluster.address,
-                "--output",
-                str(folder),
-                "--no-tracking",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(tune_args(path, ray_cluster.address, "--output", folder)) == 0
     results = pd.read_parquet(folder / "results.parquet")
     assert len(results) == 2 and (results["status"] == "completed").all(), results
     if searcher == "pbt":  # PBT restarted a trial from the other's checkpoint with new meta-hyperparameters
@@ -300,19 +280,7 @@ def test_a_killed_search_resumes_from_its_checkpoints(ray_cluster, tmp_path):
     spec["set"] = {"train.meta_steps": 300, "train.eval_every": 10}
     path.write_text(yaml.safe_dump(spec))
     folder = tmp_path / "search"
-    command = [
-        sys.executable,
-        "-m",
-        "metaopt.cli",
-        "tune",
-        str(path),
-        "--address",
-        ray_cluster.address,
-        "--output",
-        str(folder),
-        "--no-tracking",
-        "--no-progress",
-    ]
+    command = [sys.executable, "-m", "metaopt.cli", *tune_args(path, ray_cluster.address, "--output", folder)]
     # Tune snapshots the experiment at most this often (default: adaptive, tens of seconds).
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     search = subprocess.Popen(
@@ -329,21 +297,7 @@ def test_a_killed_search_resumes_from_its_checkpoints(ray_cluster, tmp_path):
         search.wait()
     killed_at = time.time()
 
-    assert (
-        main(
-            [
-                "tune",
-                str(path),
-                "--address",
-                ray_cluster.address,
-                "--resume",
-                str(folder),
-                "--no-tracking",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(tune_args(path, ray_cluster.address, "--resume", folder)) == 0
     results = pd.read_parquet(folder / "results.parquet")
     assert len(results) == 2 and (results["status"] == "completed").all(), results
     progress = [json.loads(line) for line in (checkpointed[0].parent / "result.json").read_text().splitlines()]
