@@ -36,12 +36,13 @@ from metaopt.meta import MetaTrainer
 
 def time_meta_steps(trainer: MetaTrainer, meta_steps: int, label: str) -> dict:
     trainer.meta_gradient_step()  # warm-up: first episode's sampling, worker start-up
-    overheads = []
+    overheads, optimizee_steps = [], 0.0
     started = time.perf_counter()
     for _ in tqdm(range(meta_steps), desc=label, unit="meta-step", leave=False):
-        overheads.append(trainer.meta_gradient_step().get("ray_overhead_fraction", float("nan")))
+        metrics = trainer.meta_gradient_step()
+        overheads.append(metrics.get("ray_overhead_fraction", float("nan")))
+        optimizee_steps += metrics["optimizee_steps"]  # every particle's (ES, PES) and every worker's
     seconds = time.perf_counter() - started
-    optimizee_steps = meta_steps * trainer.config.train.unroll * trainer.config.train.batch_size
     return {
         "setting": label,
         "meta_steps_per_s": meta_steps / seconds,

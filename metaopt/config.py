@@ -9,8 +9,9 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
+import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,7 +64,120 @@ class ModuleTaskConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
 
 
-TaskConfig = Annotated[QuadraticTaskConfig | MnistMLPTaskConfig | ModuleTaskConfig, Field(discriminator="kind")]
+Choices = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+SizeChoices = Annotated[list[list[Annotated[int, Field(ge=1)]]], Field(min_length=1)]
+ActivationChoices = Annotated[list[Literal["relu", "tanh", "sigmoid", "gelu"]], Field(min_length=1)]
+
+
+class SampledTaskConfig(StrictModel):
+    """A task family whose configuration is drawn from a task seed: every field holding a list of choices
+    (``CHOICES``) takes one of them, uniformly; ``parameter_scale`` > 1 rescales each optimizee's parameter
+    tensors by factors log-uniform in [1/parameter_scale, parameter_scale] (VeLO's augmentation)."""
+
+    CHOICES: ClassVar[tuple[str, ...]] = ("batch_size",)
+    batch_size: Choices = Field(default_factory=lambda: [32])
+    parameter_scale: float = Field(1.0, ge=1.0)
+
+    def choose(self, seed: int) -> dict[str, Any]:
+        """The configuration of the task ``seed`` draws: one value of every list of choices."""
+        rng = np.random.default_rng([seed, 1])
+        return {name: getattr(self, name)[rng.integers(len(getattr(self, name)))] for name in self.CHOICES}
+
+
+class ImageMLPTaskConfig(SampledTaskConfig):
+    """MLPs on MNIST, downsampled to ``image_size`` × ``image_size`` pixels, cross-entropy."""
+
+    CHOICES: ClassVar[tuple[str, ...]] = ("batch_size", "image_size", "hidden_sizes", "activation")
+    kind: Literal["image_mlp"] = "image_mlp"
+    image_size: Annotated[list[Annotated[int, Field(ge=1, le=28)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [8, 28]
+    )
+    hidden_sizes: SizeChoices = Field(default_factory=lambda: [[32]])
+    activation: ActivationChoices = Field(default_factory=lambda: ["relu"])
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+class ImageCNNTaskConfig(SampledTaskConfig):
+    """Small CNNs (3×3 convolutions with ``channels``, a linear read-out) on downsampled MNIST."""
+
+    CHOICES: ClassVar[tuple[str, ...]] = ("batch_size", "image_size", "channels", "activation")
+    kind: Literal["image_cnn"] = "image_cnn"
+    image_size: Annotated[list[Annotated[int, Field(ge=4, le=28)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [8]
+    )
+    channels: SizeChoices = Field(default_factory=lambda: [[8, 16]])
+    activation: ActivationChoices = Field(default_factory=lambda: ["relu"])
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+class MarkovTransformerTaskConfig(SampledTaskConfig):
+    """A small causal transformer predicting the next token of sequences from a random Markov chain
+    (the chain drawn from the task seed)."""
+
+    CHOICES: ClassVar[tuple[str, ...]] = ("batch_size", "vocab", "length", "d_model", "heads", "layers")
+    kind: Literal["markov_transformer"] = "markov_transformer"
+    vocab: Choices = Field(default_factory=lambda: [8])
+    length: Choices = Field(default_factory=lambda: [16])
+    d_model: Choices = Field(default_factory=lambda: [16])
+    heads: Choices = Field(default_factory=lambda: [2])
+    layers: Choices = Field(default_factory=lambda: [1])
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> MarkovTransformerTaskConfig:
+        bad = [(d, h) for d in self.d_model for h in self.heads if d % h]
+        if bad:
+            raise ValueError(f"every d_model must be a multiple of every heads choice; not so for {bad}")
+        return self
+
+
+class CharLMTaskConfig(SampledTaskConfig):
+    """A character-level language model (an MLP over the ``context`` previous characters) on English-like
+    text generated from the task seed."""
+
+    CHOICES: ClassVar[tuple[str, ...]] = ("batch_size", "context", "embed", "hidden")
+    kind: Literal["char_lm"] = "char_lm"
+    context: Choices = Field(default_factory=lambda: [8])
+    embed: Choices = Field(default_factory=lambda: [8])
+    hidden: Choices = Field(default_factory=lambda: [64])
+
+
+class TeacherStudentTaskConfig(SampledTaskConfig):
+    """Regression (mean squared error) of a student MLP onto a random teacher MLP's outputs plus noise."""
+
+    CHOICES: ClassVar[tuple[str, ...]] = ("batch_size", "input_dim", "teacher_hidden", "hidden_sizes", "activation")
+    kind: Literal["teacher_student"] = "teacher_student"
+    input_dim: Choices = Field(default_factory=lambda: [16])
+    teacher_hidden: Choices = Field(default_factory=lambda: [32])
+    hidden_sizes: SizeChoices = Field(default_factory=lambda: [[32]])
+    activation: ActivationChoices = Field(default_factory=lambda: ["relu"])
+    noise: float = Field(0.1, ge=0)
+
+
+SAMPLED_TASKS = (
+    ImageMLPTaskConfig,
+    ImageCNNTaskConfig,
+    MarkovTransformerTaskConfig,
+    CharLMTaskConfig,
+    TeacherStudentTaskConfig,
+)
+TaskConfig = Annotated[
+    QuadraticTaskConfig
+    | MnistMLPTaskConfig
+    | ModuleTaskConfig
+    | ImageMLPTaskConfig
+    | ImageCNNTaskConfig
+    | MarkovTransformerTaskConfig
+    | CharLMTaskConfig
+    | TeacherStudentTaskConfig,
+    Field(discriminator="kind"),
+]
+
+
+class MixtureEntry(StrictModel):
+    """One family of a meta-training mixture and its weight (the chance of an episode drawing it)."""
+
+    task: TaskConfig
+    weight: float = Field(1.0, gt=0)
 
 
 def _check_options(kind: str, options: dict[str, Any]) -> None:
@@ -175,6 +289,12 @@ class TrainConfig(StrictModel):
         ge=0,
         description="tbptt: activation checkpointing of the unroll; recompute it during the "
         "meta-backward in chunks of this many steps (same meta-gradient, memory ~flat in unroll; 0: off)",
+    )
+    tasks: list[MixtureEntry] | None = Field(
+        None,
+        min_length=1,
+        description="meta-train on a mixture: every episode (on every Ray worker) draws one family by weight and "
+        "a configuration of it; default: the config's task (which is always the one validated on)",
     )
     seed: int = Field(0, ge=0)
     eval_every: int = Field(50, ge=1)

@@ -96,6 +96,18 @@ def test_two_workers_share_mnist_from_the_object_store(ray_cluster, tmp_path, mn
     assert 0 <= last["ray_overhead_fraction"] < 1
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_two_workers_meta_train_on_a_mixture_each_drawing_its_own_tasks(ray_cluster, tmp_path, mnist_task, mode):
+    image_mlp = {"kind": "image_mlp", "image_size": [8], "hidden_sizes": [[8], [16]], "data": mnist_task["data"]}
+    tasks = [{"task": {"kind": "quadratic", "dim": 5}}, {"task": image_mlp, "weight": 2}]
+    cfg = config(distributed={"workers": 2, "mode": mode}, tasks=tasks, meta_steps=6, unroll=2, episode_length=4)
+    trainer = train_on_ray(cfg, tmp_path / "run", ray_cluster.address)
+    assert trainer.meta_step == 6 and trainer.history[-1]["workers_alive"] == 2
+    assert all(torch.isfinite(torch.tensor(row["meta_loss"])) for row in trainer.history)
+    start = make_optimizer("phnn").init_meta_params(0)
+    assert not torch.equal(trainer.meta_params["log_h"], start["log_h"])
+
+
 def test_async_mode_applies_each_gradient_and_drops_stale_ones(ray_cluster, tmp_path):
     cfg = config(distributed={"workers": 2, "mode": "async", "max_staleness": 0}, meta_steps=6)
     trainer = train_on_ray(cfg, tmp_path / "run", ray_cluster.address)

@@ -34,8 +34,8 @@ from ray.exceptions import ActorDiedError, RayActorError
 from metaopt.config import Config, ConfigError, DistributedConfig
 from metaopt.distributed.worker import RolloutWorker, flatten, unflatten
 from metaopt.meta.estimators import Estimate
+from metaopt.meta.trainer import training_data
 from metaopt.optimizers import MetaParams
-from metaopt.tasks import task_data
 
 # How long the learner pauses when every live worker is restarting, before asking again.
 RESTART_POLL_SECONDS = 0.2
@@ -88,7 +88,7 @@ class WorkerGroup:
         self.config = config
         dist = config.distributed
         reserved = worker_resources(dist, ray.cluster_resources())
-        data = task_data(config.task, "meta_train")
+        data = training_data(config)
         data_ref = ray.put(data) if data is not None else None  # once; Ray copies it to each node once
         actor = ray.remote(RolloutWorker).options(
             num_cpus=reserved["CPU"],

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from metaopt.config import resolve_device, validate_config
-from metaopt.meta.trainer import share_estimator, to_device
+from metaopt.meta.trainer import share_estimator, to_device, training_tasks
 from metaopt.optimizers import MetaParams
-from metaopt.tasks import make_task
 
 
 def flatten(meta_params: MetaParams) -> np.ndarray:
@@ -38,6 +37,15 @@ def unflatten(flat: np.ndarray, like: MetaParams, device: torch.device | str = "
     }
 
 
+def as_tensors(data):
+    """NumPy arrays as tensors (no copy), through the lists and tuples of ``training_data``."""
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data)
+    if isinstance(data, list | tuple):
+        return type(data)(as_tensors(item) for item in data)
+    return data
+
+
 class RolloutWorker:
     """Worker ``worker`` of ``workers``: estimates meta-gradients on its share of the optimizees.
 
@@ -53,12 +61,11 @@ class RolloutWorker:
         self.device = self._device(config.device)
         self.optimizer = config.optimizer.build()
         self.template = self.optimizer.init_meta_params(config.train.seed)
-        if data is not None:
-            with warnings.catch_warnings():  # object-store arrays are read-only; the task never writes them
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                data = tuple(torch.from_numpy(array) for array in data)
-        family = make_task(config.task, "meta_train", self.device, data=data)
-        self.estimator = share_estimator(config, family, self.optimizer, worker, workers)
+        with warnings.catch_warnings():  # object-store arrays are read-only; the tasks never write them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            data = as_tensors(data)
+        tasks = training_tasks(config, self.device, data, worker)
+        self.estimator = share_estimator(config, tasks, self.optimizer, worker, workers)
 
     @staticmethod
     def _device(device: str) -> torch.device:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from metaopt.meta.unroll import UnrollState, start_episode, unroll
 from metaopt.optimizers import MetaParams, Optimizer
-from metaopt.tasks import Optimizees, TaskFamily
+from metaopt.tasks import Optimizees, TaskFamily, TaskMixture
 
 SeedsFn = Callable[[int], list[int]]  # episode index -> optimizee seeds
 
@@ -49,12 +49,21 @@ class GradientSource(Protocol):
 
 
 class Estimator:
-    """Carries optimizee state across truncations; ``estimate`` gives the next meta-gradient."""
+    """Carries optimizee state across truncations; ``estimate`` gives the next meta-gradient.
+
+    ``tasks``: a ``TaskFamily``, or a ``TaskMixture`` that draws each episode's family.
+    """
 
     def __init__(
-        self, family: TaskFamily, optimizer: Optimizer, seeds: SeedsFn, unroll_length: int, episode_length: int
+        self,
+        tasks: TaskFamily | TaskMixture,
+        optimizer: Optimizer,
+        seeds: SeedsFn,
+        unroll_length: int,
+        episode_length: int,
     ):
-        self.family = family
+        self.tasks = tasks
+        self.family = tasks.episode_family(0)
         self.optimizer = optimizer
         self.seeds = seeds
         self.unroll_length = unroll_length
@@ -71,7 +80,12 @@ class Estimator:
         return self.state
 
     def _new_episode(self) -> UnrollState:
-        return start_episode(self.family.sample(self.seeds(self.episode)), self.optimizer)
+        return start_episode(self._sample(), self.optimizer)
+
+    def _sample(self) -> Optimizees:
+        """This episode's family (``self.family`` from now on) and its optimizees."""
+        self.family = self.tasks.episode_family(self.episode)
+        return self.family.sample(self.seeds(self.episode))
 
     def reset_episode(self) -> None:
         """Move on to a new episode (also after a non-finite meta-gradient)."""
@@ -100,6 +114,7 @@ class Estimator:
 
     def load_state_dict(self, saved: dict) -> None:
         self.episode = int(saved["episode"])
+        self.family = self.tasks.episode_family(self.episode)
         if "step" not in saved:
             self.state = None
             return
@@ -148,7 +163,7 @@ class AntitheticES(Estimator):
     def _new_episode(self) -> UnrollState:
         """Every one of the 2·pairs particles gets a copy of the same fresh optimizees."""
         self.accumulated = None
-        base = self.family.sample(self.seeds(self.episode))
+        base = self._sample()
         particles = 2 * self.pairs
         optimizees = Optimizees(
             base.seeds.repeat(particles),
@@ -202,7 +217,7 @@ class AntitheticES(Estimator):
 
 def make_estimator(
     config,
-    family: TaskFamily,
+    tasks: TaskFamily | TaskMixture,
     optimizer: Optimizer,
     seeds: SeedsFn,
     unroll_length: int,
@@ -213,7 +228,7 @@ def make_estimator(
     """The estimator an ``EstimatorConfig`` describes; ``checkpoint_steps`` > 0 turns on activation
     checkpointing of truncated backprop's unroll in chunks of that many steps."""
     common = dict(
-        family=family, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length, episode_length=episode_length
+        tasks=tasks, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length, episode_length=episode_length
     )
     if config.kind == "tbptt":
         return TruncatedBackprop(**common, second_order=config.second_order, checkpoint_steps=checkpoint_steps)

@@ -26,15 +26,40 @@ from metaopt.meta.checkpoint import (
 from metaopt.meta.estimators import Estimator, GradientSource, make_estimator
 from metaopt.meta.unroll import mean_final_loss, rollout_losses
 from metaopt.optimizers import MetaParams, Optimizer
-from metaopt.tasks import TaskFamily, make_task, optimizee_seeds
+from metaopt.tasks import TaskFamily, TaskMixture, make_task, optimizee_seeds, task_data
 
 MetricsFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[Path, dict[str, float]], None]  # (checkpoint folder, that meta-step's metrics)
 BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
+def training_tasks(config: Config, device: torch.device, data=None, worker: int = 0) -> TaskFamily | TaskMixture:
+    """What worker ``worker`` meta-trains on: the config's task, or a mixture of ``train.tasks`` drawn
+    from the worker's own stream. ``data``: the task's data (``task_data``), or a list of every mixture
+    member's, already loaded."""
+    train = config.train
+    if train.tasks is None:
+        return make_task(config.task, "meta_train", device, data=data)
+    return TaskMixture(
+        [entry.task for entry in train.tasks],
+        [entry.weight for entry in train.tasks],
+        "meta_train",
+        device,
+        data,
+        seed=train.seed,
+        stream=worker,
+    )
+
+
+def training_data(config: Config) -> list | tuple | None:
+    """The meta-train data ``training_tasks`` reads, as NumPy arrays (for Ray's object store)."""
+    if config.train.tasks is None:
+        return task_data(config.task, "meta_train")
+    return [task_data(entry.task, "meta_train") for entry in config.train.tasks]
+
+
 def share_estimator(
-    config: Config, family: TaskFamily, optimizer: Optimizer, worker: int = 0, workers: int = 1
+    config: Config, tasks: TaskFamily | TaskMixture, optimizer: Optimizer, worker: int = 0, workers: int = 1
 ) -> Estimator:
     """The estimator of worker ``worker`` of ``workers``: its equal, contiguous share of every
     episode's ``train.batch_size`` meta-train optimizees (all of them for one worker)."""
@@ -47,7 +72,7 @@ def share_estimator(
 
     return make_estimator(
         train.estimator,
-        family,
+        tasks,
         optimizer,
         seeds=seeds,
         unroll_length=train.unroll,
@@ -81,9 +106,7 @@ class MetaTrainer:
             k: v.to(self.device).requires_grad_(True) for k, v in self.optimizer.init_meta_params(train.seed).items()
         }
         self.meta_optimizer = torch.optim.Adam(list(self.meta_params.values()), lr=train.meta_lr)
-        self.estimator = gradient_source or share_estimator(
-            config, make_task(config.task, "meta_train", self.device), self.optimizer
-        )
+        self.estimator = gradient_source or share_estimator(config, training_tasks(config, self.device), self.optimizer)
         self.meta_step = 0
         self.skipped = 0
         self.best_heldout = math.inf
@@ -115,6 +138,7 @@ class MetaTrainer:
             "meta_loss": estimate.meta_loss,
             "grad_norm": norm,
             "skipped_nonfinite": float(self.skipped),
+            "optimizee_steps": float(estimate.optimizee_steps),
             "optimizee_steps_per_s": estimate.optimizee_steps / seconds,
             **estimate.stats,
         }

@@ -70,6 +70,10 @@ class TaskFamily(ABC):
         batch = self.batch(optimizees, step)
         return torch.func.vmap(self.loss)(params, optimizees.data, batch)
 
+    def episode_family(self, episode: int) -> TaskFamily:
+        """The family an estimator trains on in ``episode``: always this one (a ``TaskMixture`` draws one)."""
+        return self
+
     def spec(self) -> dict:
         """A JSON description of this family."""
         return {"name": self.name, "num_params": self.num_params}

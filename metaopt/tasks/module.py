@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -59,7 +60,12 @@ class ModuleTask(TaskFamily):
     name = "module"
 
     def __init__(
-        self, spec: ModuleTaskSpec, batch_size: int = 32, half: Split = "meta_train", device: torch.device | str = "cpu"
+        self,
+        spec: ModuleTaskSpec,
+        batch_size: int = 32,
+        half: Split = "meta_train",
+        device: torch.device | str = "cpu",
+        parameter_scale: float = 1.0,
     ):
         super().__init__(device)
         if len(spec.inputs) != len(spec.targets) or len(spec.inputs) < 2:
@@ -70,6 +76,7 @@ class ModuleTask(TaskFamily):
         self.definition = spec
         self.batch_size = batch_size
         self.half = half
+        self.parameter_scale = parameter_scale
         self.template = spec.model().to(self.device)
         # Batch norm normalises with each minibatch's statistics: running statistics, updated in place, cannot be
         # batched over optimizees (torch.func's own fix).
@@ -89,15 +96,30 @@ class ModuleTask(TaskFamily):
                 models.append(self.definition.model())
         stacked, _ = torch.func.stack_module_state(models)
         params = torch.cat([stacked[name].detach().reshape(len(models), -1) for name in self.parameter_shapes], 1)
+        data = {}
+        if self.parameter_scale != 1.0:  # the optimizer sees θ / s and the model runs on s · (θ / s)
+            data["scale"] = self._tensor_scales(seeds)
+            params = params / data["scale"]
         return Optimizees(
-            seeds=torch.tensor(list(seeds), dtype=torch.int64, device=self.device), params=params.to(self.device)
+            seeds=torch.tensor(list(seeds), dtype=torch.int64, device=self.device),
+            params=params.to(self.device),
+            data={k: v.to(self.device) for k, v in data.items()},
         )
+
+    def _tensor_scales(self, seeds: Sequence[int]) -> Tensor:
+        """Per optimizee, one factor per parameter tensor, log-uniform in [1/parameter_scale, parameter_scale],
+        spread over that tensor's coordinates: ``[B, n]``."""
+        exponents = np.stack([np.random.default_rng([seed, 2]).uniform(-1, 1, len(self.sizes)) for seed in seeds])
+        scales = torch.from_numpy(self.parameter_scale**exponents).float()
+        return torch.repeat_interleave(scales, torch.tensor(self.sizes), dim=1)
 
     def batch(self, optimizees: Optimizees, step: int) -> dict[str, Tensor]:
         index = hash_uniform_indices(optimizees.seeds, step, self.batch_size, len(self.targets))
         return {"x": self.inputs[index], "y": self.targets[index]}
 
     def loss(self, params: Tensor, data: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+        if "scale" in data:
+            params = params * data["scale"]
         tensors = {
             name: chunk.view(shape)
             for (name, shape), chunk in zip(self.parameter_shapes.items(), params.split(self.sizes))
@@ -110,5 +132,6 @@ class ModuleTask(TaskFamily):
             **super().spec(),
             "batch_size": self.batch_size,
             "half": self.half,
+            "parameter_scale": self.parameter_scale,
             "parameters": {name: list(shape) for name, shape in self.parameter_shapes.items()},
         }
