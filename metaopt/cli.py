@@ -159,6 +159,24 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from metaopt.benchmark import default_output_dir, load_suite, resolve_learned, run_benchmark
+
+    suite = load_suite(args.suite, args.set)
+    learned = [resolve_learned(source, args.tracking_uri) for source in args.optimizer]
+    name = Path(args.suite).stem
+    output_dir = Path(args.output) if args.output else default_output_dir(suite, name)
+    print(
+        f"metaopt benchmark: {len(suite.tasks)} task(s) x {suite.runs} runs, "
+        f"{', '.join(o.name for o in learned) or 'baselines only'}; writing to {output_dir}"
+    )
+    title = f"{name}: {len(suite.tasks)} tasks, {suite.runs} runs each"
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    print(run_benchmark(suite, learned, output_dir, title, cache, not args.no_progress, args.threads))
+    print(f"results: {output_dir} (results.parquet, curves.parquet, results.md, speedup.png)")
+    return 0
+
+
 def _start_tracking(config, run_dir: Path):
     """The run's MLflow tracker (config as flattened params), or None with tracking disabled."""
     if not config.tracking.enabled:
@@ -368,6 +386,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(tune)
     add_tune_options(tune)
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="run learned optimizers and per-task tuned baselines on a suite of held-out tasks",
+        description="Run every task of SUITE with each --optimizer and with Adam, AdamW and SGD with momentum\n"
+        "tuned per task (a learning-rate grid, constant and cosine; cached), and report final losses,\n"
+        "loss ratios, speedups and divergences: results.parquet, curves.parquet, results.md, speedup.png.",
+        epilog="example:\n  metaopt benchmark jobs/configs/suite_heldout.yaml \\\n"
+        "    --optimizer phnn=runs/train/quadratic/checkpoints/best --optimizer models:/quadratic-phnn@latest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    benchmark.add_argument("suite", help="suite YAML, e.g. jobs/configs/suite_heldout.yaml")
+    benchmark.add_argument(
+        "--optimizer",
+        action="append",
+        default=[],
+        metavar="[NAME=]SOURCE",
+        help="a learned optimizer: checkpoint folder, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/... "
+        "(repeatable; none: only the baselines run, filling the cache)",
+    )
+    benchmark.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="tuned baselines' cache (default: $METAOPT_CACHE_DIR/benchmark, else ~/.cache/metaopt/benchmark)",
+    )
+    benchmark.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI for models:/ and runs:/ sources")
+    benchmark.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch threads (default 1: the suite's small models gain nothing from more, and lose on a busy machine)",
+    )
+    _add_run_options(benchmark)
+    benchmark.set_defaults(handler=_benchmark)
 
     sync = commands.add_parser(
         "sync",

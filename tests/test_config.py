@@ -158,10 +158,12 @@ def test_unreadable_files(tmp_path):
 def test_every_shipped_config_is_valid():
     from pathlib import Path
 
+    from metaopt.benchmark import load_suite
     from metaopt.tune import load_search
 
     configs = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
     searches = [path for path in configs if path.name.startswith("tune_")]
-    assert len(configs) - len(searches) >= 11 and len(searches) >= 3
+    suites = [path for path in configs if path.name.startswith("suite_")]
+    assert len(configs) - len(searches) - len(suites) >= 12 and len(searches) >= 3 and suites
     for path in configs:
-        load_search(path) if path in searches else load_config(path)
+        load_search(path) if path in searches else load_suite(path) if path in suites else load_config(path)

@@ -1,5 +1,5 @@
 """metaopt's parts import one way: optimizers, tasks -> config -> meta -> evaluate, distributed, tracking
--> the after-training pipeline and the public API -> tune -> cli. Ray and MLflow stay at the edges."""
+-> the after-training pipeline and the public API -> tune, benchmark -> cli. Ray and MLflow stay at the edges."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ LAYER = {
     "pipeline": 4,
     "api": 4,
     "tune": 5,
+    "benchmark": 5,
     "cli": 6,
     "__init__": 7,
 }
 # The edges: the learner's loop and the Ray workers never write to MLflow.
-MAY_IMPORT_TRACKING = {"pipeline", "api", "tune", "cli"}
+MAY_IMPORT_TRACKING = {"pipeline", "api", "tune", "benchmark", "cli"}  # benchmark: resolves --optimizer sources
 MAY_IMPORT = {"ray": {"distributed", "tune", "cli"}, "mlflow": {"tracking", "cli"}}
 
 

@@ -1,0 +1,595 @@
+"""``metaopt benchmark``: learned optimizers against per-task tuned hand-designed baselines on a suite of tasks.
+
+Every task of a suite runs ``runs`` times, each run with its own meta-test optimizee seed: the seed draws the
+model's initialisation and its minibatch stream, so every optimizer sees the same inits and minibatches. A
+learned optimizer steps a real ``nn.Module`` through ``metaopt.load_optimizer``, one instance per run, as a
+user runs it. The baselines (Adam, AdamW, SGD with momentum over a learning-rate grid, each constant and
+cosine-decayed) are per-coordinate, so every configuration and run of a task trains as one batched
+``torch.func`` computation; they are tuned once per task and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from metaopt.api import load_optimizer
+from metaopt.config import ConfigError, ModuleTaskConfig, StrictModel, apply_overrides, read_yaml_mapping
+from metaopt.meta.checkpoint import CheckpointError, load_checkpoint
+from metaopt.optimizers.native import cache_dir
+from metaopt.tasks import ModuleTask, Optimizees, make_task, optimizee_seeds
+from metaopt.tasks.base import hash_uniform_indices
+from metaopt.tasks.module import load_factory
+from metaopt.tracking.registry import resolve_checkpoint
+
+BASELINE_KINDS = ("adam", "adamw", "sgd_momentum")
+FINAL_FRACTION = 0.1  # the final loss averages the training loss over this last fraction of a run's steps
+CACHE_FORMAT = 1  # bump when the cached tables' meaning changes
+
+
+class BaselineGrid(StrictModel):
+    """The hand-designed optimizers tuned per task: every kind with every learning rate and schedule."""
+
+    kinds: list[Literal["adam", "adamw", "sgd_momentum"]] = Field(
+        default_factory=lambda: list(BASELINE_KINDS), min_length=1
+    )
+    lrs: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], min_length=1
+    )
+    schedules: list[Literal["constant", "cosine"]] = Field(default_factory=lambda: ["constant", "cosine"], min_length=1)
+    weight_decay: float = Field(0.01, ge=0, description="adamw's decoupled weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd_momentum's momentum")
+
+
+class SuiteTask(StrictModel):
+    """One task of a suite: a module task (``factory`` and ``batch_size``) trained for ``steps`` steps."""
+
+    name: str = Field(pattern=r"^[\w.-]+$")
+    task: ModuleTaskConfig
+    steps: int = Field(ge=1)
+
+
+class Suite(StrictModel):
+    """A benchmark suite: its tasks, the runs of each, and the baseline grid."""
+
+    tasks: list[SuiteTask] = Field(min_length=1)
+    runs: int = Field(5, ge=1, description="runs per task and optimizer, each with its own optimizee seed")
+    seed: int = Field(0, ge=0)
+    baselines: BaselineGrid = Field(default_factory=BaselineGrid)
+    speedup_cap: int = Field(
+        4, ge=1, description="the best baseline reruns for up to this many times a task's steps for the speedup"
+    )
+    output_dir: str = "runs/benchmark"
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[SuiteTask]) -> list[SuiteTask]:
+        names = [task.name for task in tasks]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"task names must be unique ({', '.join(duplicated)})")
+        return tasks
+
+
+def load_suite(path: str | Path, overrides: Sequence[str] = ()) -> Suite:
+    """Read, override and validate a suite file, and import its task factories; any problem raises
+    ``ConfigError`` naming the field."""
+    data = apply_overrides(read_yaml_mapping(Path(path), "suite file", "tasks, runs, seed, baselines"), list(overrides))
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid suite {path}:\n  " + "\n  ".join(map(_describe, error.errors()))) from None
+    for index, task in enumerate(suite.tasks):
+        try:
+            load_factory(task.task.factory)
+        except ValueError as error:
+            raise ConfigError(f"invalid suite {path}:\n  tasks[{index}].task.factory: {error}") from None
+    return suite
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error as ``field.path: what is wrong``."""
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown field; allowed fields here: {', '.join(_owner(error['loc']).model_fields)}"
+    if error["type"] == "missing":
+        return f"{path}: required field is missing"
+    got = "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+    return f"{path}: {error['msg'].removeprefix('Value error, ')}{got}"
+
+
+def _owner(loc: tuple) -> type[StrictModel]:
+    """The suite model that holds the last field of ``loc``."""
+    model = Suite
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            annotation = model.model_fields[part].annotation
+            model = next(a for a in (annotation, *typing.get_args(annotation)) if _is_model(a))
+    return model
+
+
+def _is_model(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One hand-designed configuration: a kind, a learning rate and a schedule."""
+
+    kind: str
+    lr: float
+    schedule: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} lr={self.lr:g} {self.schedule}"
+
+
+def grid_configurations(grid: BaselineGrid) -> list[Baseline]:
+    """Every configuration of the grid."""
+    return [Baseline(kind, lr, schedule) for kind in grid.kinds for lr in grid.lrs for schedule in grid.schedules]
+
+
+def _torch_optimizer(baseline: Baseline, params: list[Tensor], grid: BaselineGrid) -> torch.optim.Optimizer:
+    if baseline.kind == "adam":
+        return torch.optim.Adam(params, lr=baseline.lr)
+    if baseline.kind == "adamw":
+        return torch.optim.AdamW(params, lr=baseline.lr, weight_decay=grid.weight_decay)
+    return torch.optim.SGD(params, lr=baseline.lr, momentum=grid.momentum)
+
+
+def run_baselines(
+    task: ModuleTask,
+    seeds: Sequence[int],
+    baselines: Sequence[Baseline],
+    grid: BaselineGrid,
+    steps: int,
+    progress: tqdm | None = None,
+) -> Tensor:
+    """Training losses ``[baselines, runs, steps]`` (float64; the loss at step t is before update t).
+
+    Each configuration keeps its ``[runs, n]`` parameters in one leaf with its own ``torch.optim`` optimizer
+    (and cosine schedule over ``steps``); as the optimizers are per-coordinate, that is each run's own
+    optimizer. All configurations and runs go through one batched forward and backward per step.
+    """
+    optimizees = task.sample(seeds)
+    leaves = [optimizees.params.clone().requires_grad_(True) for _ in baselines]
+    optimizers = [_torch_optimizer(baseline, [leaf], grid) for baseline, leaf in zip(baselines, leaves)]
+    schedulers = [
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        for baseline, optimizer in zip(baselines, optimizers)
+        if baseline.schedule == "cosine"
+    ]
+    everyone = Optimizees(seeds=optimizees.seeds.repeat(len(baselines)), params=optimizees.params)
+    losses = torch.empty(len(baselines), len(seeds), steps, dtype=torch.float64)
+    for step in range(steps):
+        loss = task.batched_loss(torch.cat(leaves), everyone, step)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss.sum().backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        losses[:, :, step] = loss.detach().view(len(baselines), len(seeds))
+        if progress is not None:
+            progress.update(len(baselines) * len(seeds))
+    return losses
+
+
+@dataclass
+class Learned:
+    """A learned optimizer under test: its name in the report and its resolved checkpoint folder."""
+
+    name: str
+    source: str
+    folder: Path
+    has_schedule: bool  # a learned step schedule: load it with horizon = the run's steps
+
+
+def resolve_learned(text: str, tracking_uri: str | None = None) -> Learned:
+    """``--optimizer``'s ``SOURCE`` or ``NAME=SOURCE`` (a checkpoint folder, ``models:/...``, ``runs:/...``),
+    resolved to a local checkpoint once, so every run loads the same weights."""
+    name, separator, source = text.partition("=")
+    if not separator or ":/" in name or "/" in name:
+        name, source = text, text
+    try:
+        folder = resolve_checkpoint(source, tracking_uri)
+        optimizer, _, _ = load_checkpoint(folder)
+    except (CheckpointError, LookupError) as error:
+        raise ConfigError(f"--optimizer {source}: {error}") from None
+    return Learned(name, source, folder, optimizer.horizon is not None)
+
+
+def run_learned(
+    task: ModuleTask, seeds: Sequence[int], learned: Learned, steps: int, progress: tqdm | None = None
+) -> Tensor:
+    """Training losses ``[runs, steps]`` of ``learned`` stepping each run's own ``nn.Module``, built under
+    ``torch.manual_seed(seed)`` as ``ModuleTask.sample`` draws it, on the same minibatches as the baselines.
+    A run stops at its first non-finite loss, which fills the rest of its curve."""
+    spec = task.definition
+    seed_tensor = torch.tensor(list(seeds), dtype=torch.int64)
+    indices = torch.stack(
+        [hash_uniform_indices(seed_tensor, t, task.batch_size, len(task.targets)) for t in range(steps)], 1
+    )
+    losses = torch.empty(len(seeds), steps, dtype=torch.float64)
+    options = {"horizon": steps} if learned.has_schedule else {}
+    for run, seed in enumerate(seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = spec.model()
+        optimizer = load_optimizer(learned.folder, model.parameters(), **options)
+        for step in range(steps):
+            batch = indices[run, step]
+            loss = spec.loss(model(task.inputs[batch]), task.targets[batch])
+            losses[run, step] = loss.item()
+            if not math.isfinite(losses[run, step]):
+                losses[run, step:] = losses[run, step]
+                if progress is not None:
+                    progress.update(steps - step)
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if progress is not None:
+                progress.update(1)
+    return losses
+
+
+def final_window(steps: int) -> int:
+    """The trailing window of the final loss: the last ``FINAL_FRACTION`` of the steps, at least one."""
+    return max(1, round(FINAL_FRACTION * steps))
+
+
+def smoothed(curve: np.ndarray, window: int) -> np.ndarray:
+    """The trailing mean of ``curve`` over ``window`` steps (over the steps so far at the start)."""
+    sums = np.concatenate([[0.0], np.cumsum(curve, dtype=np.float64)])
+    ends = np.arange(1, len(curve) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def final_loss(losses: Tensor, window: int) -> float:
+    """Mean over runs of each run's mean loss over the last ``window`` steps; inf if any run diverged
+    (a non-finite loss anywhere)."""
+    if not torch.isfinite(losses).all():
+        return math.inf
+    return float(smoothed(losses.mean(0).numpy(), window)[-1])
+
+
+def diverged_runs(losses: Tensor, window: int) -> int:
+    """Runs whose loss became non-finite or whose final loss is above their initial loss."""
+    finite = torch.isfinite(losses).all(-1)
+    ends_higher = losses[:, -window:].mean(-1) > losses[:, 0]
+    return int((~finite | ends_higher).sum())
+
+
+def speedup(target: float, tuned: np.ndarray, longer: np.ndarray, steps: int, cap: int) -> tuple[float, bool]:
+    """(steps the best baseline needs to reach ``target``) / ``steps``, and whether it never did (then the
+    cap). ``tuned``: its smoothed mean curve over the run's ``steps``; ``longer``: the same configuration
+    rerun over ``cap`` × ``steps`` with its schedule stretched, looked at where ``tuned`` never reaches it."""
+    for curve in (tuned, longer):
+        reached = np.flatnonzero(curve <= target)
+        if reached.size:
+            return (int(reached[0]) + 1) / steps, False
+    return float(cap), True
+
+
+@dataclass
+class TunedBaselines:
+    """A task's tuned baselines: every configuration's final loss, each kind's best configuration with its
+    losses ``[runs, steps]``, and the best configuration's losses rerun over ``cap`` × ``steps``."""
+
+    scores: pd.DataFrame  # kind, lr, schedule, final_loss: one row per configuration
+    best_of_kind: dict[str, tuple[Baseline, Tensor]]
+    best: Baseline
+    longer: Tensor
+
+
+def _best(scores: pd.DataFrame) -> Baseline:
+    """The configuration with the lowest final loss (the first of equals)."""
+    row = scores.iloc[int(np.argmin(scores.final_loss.to_numpy()))]
+    return Baseline(row.kind, float(row.lr), row.schedule)
+
+
+def tune_baselines(
+    task: ModuleTask, seeds: Sequence[int], suite: Suite, steps: int, progress: tqdm | None = None
+) -> TunedBaselines:
+    """Run the whole grid on ``task``, keep each kind's best configuration, and rerun the overall best
+    over ``suite.speedup_cap`` × ``steps`` with its schedule stretched."""
+    configurations = grid_configurations(suite.baselines)
+    losses = run_baselines(task, seeds, configurations, suite.baselines, steps, progress)
+    window = final_window(steps)
+    scores = pd.DataFrame(
+        {
+            "kind": [c.kind for c in configurations],
+            "lr": [c.lr for c in configurations],
+            "schedule": [c.schedule for c in configurations],
+            "final_loss": [final_loss(curves, window) for curves in losses],
+        }
+    )
+    best_of_kind = {}
+    for kind in suite.baselines.kinds:
+        best = _best(scores[scores.kind == kind])
+        best_of_kind[kind] = (best, losses[configurations.index(best)])
+    best = _best(scores)
+    (longer,) = run_baselines(task, seeds, [best], suite.baselines, suite.speedup_cap * steps, progress)
+    return TunedBaselines(scores, best_of_kind, best, longer)
+
+
+def cache_key(entry: SuiteTask, suite: Suite, task: ModuleTask, seeds: Sequence[int]) -> str:
+    """A hash of what a task's tuned baselines depend on: its config, data and initial parameters, its
+    steps, and the suite's runs, seed, grid and speedup cap."""
+    settings = {
+        "format": CACHE_FORMAT,
+        "task": entry.task.model_dump(mode="json"),
+        "steps": entry.steps,
+        "runs": suite.runs,
+        "seed": suite.seed,
+        "baselines": suite.baselines.model_dump(mode="json"),
+        "speedup_cap": suite.speedup_cap,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for tensor in (task.inputs, task.targets, task.sample(seeds).params):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_tuned(folder: Path, tuned: TunedBaselines) -> None:
+    """Write ``scores.parquet`` and ``curves.parquet`` (each kind's best and the longer rerun) into
+    ``folder``, atomically."""
+    partial = folder.with_name(f".partial-{folder.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    tuned.scores.to_parquet(partial / "scores.parquet", index=False)
+    named = [(kind, losses) for kind, (_, losses) in tuned.best_of_kind.items()] + [("longer", tuned.longer)]
+    curves = pd.concat([curve_rows(losses, {"curve": name}) for name, losses in named], ignore_index=True)
+    curves.to_parquet(partial / "curves.parquet", index=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
+def load_tuned(folder: Path, kinds: Sequence[str]) -> TunedBaselines:
+    """The tuned baselines saved in ``folder``."""
+    scores = pd.read_parquet(folder / "scores.parquet")
+    curves = pd.read_parquet(folder / "curves.parquet")
+
+    def losses(name: str) -> Tensor:
+        rows = curves[curves.curve == name].sort_values(["run", "step"])
+        return torch.tensor(rows.loss.to_numpy(), dtype=torch.float64).view(rows.run.nunique(), -1)
+
+    best_of_kind = {kind: (_best(scores[scores.kind == kind]), losses(kind)) for kind in kinds}
+    return TunedBaselines(scores, best_of_kind, _best(scores), losses("longer"))
+
+
+def curve_rows(losses: Tensor, columns: dict) -> pd.DataFrame:
+    """One row per (run, step) of ``losses`` [runs, steps], with constant ``columns``."""
+    runs, steps = losses.shape
+    return pd.DataFrame(
+        {
+            **columns,
+            "run": np.repeat(np.arange(runs), steps),
+            "step": np.tile(np.arange(steps), runs),
+            "loss": losses.reshape(-1).numpy(),
+        }
+    )
+
+
+def result_row(
+    entry: SuiteTask,
+    name: str,
+    source: str | Baseline,
+    losses: Tensor,
+    tuned: TunedBaselines,
+    cap: int,
+) -> dict:
+    """One row of results.parquet: the ``losses`` [runs, steps] on ``entry`` of optimizer ``name`` (a learned
+    optimizer's ``source``, or a tuned ``Baseline``) against the task's best baseline."""
+    baseline = source if isinstance(source, Baseline) else None
+    window = final_window(entry.steps)
+    best_losses = tuned.best_of_kind[tuned.best.kind][1]
+    best_final, final = final_loss(best_losses, window), final_loss(losses, window)
+    ratio, speed, capped = math.nan, math.nan, False
+    if math.isfinite(best_final):
+        ratio = final / best_final if best_final else math.nan
+        speed, capped = speedup(
+            final,
+            smoothed(best_losses.mean(0).numpy(), window),
+            smoothed(tuned.longer.mean(0).numpy(), window),
+            entry.steps,
+            cap,
+        )
+    diverged = diverged_runs(losses, window)
+    return {
+        "task": entry.name,
+        "optimizer": name,
+        "learned": baseline is None,
+        "source": "" if baseline else source,
+        "steps": entry.steps,
+        "runs": len(losses),
+        "initial_loss": float(losses[:, 0].mean()),
+        "final_loss": final,
+        "loss_ratio": ratio,
+        "speedup": speed,
+        "speedup_capped": capped,
+        "diverged": diverged > 0,
+        "diverged_runs": diverged,
+        "lr": baseline.lr if baseline else math.nan,
+        "schedule": baseline.schedule if baseline else "",
+        "baseline": tuned.best.kind,
+        "baseline_lr": tuned.best.lr,
+        "baseline_schedule": tuned.best.schedule,
+        "baseline_final_loss": best_final,
+    }
+
+
+def default_output_dir(suite: Suite, name: str) -> Path:
+    """``<suite.output_dir>/<name>-<timestamp>``."""
+    return Path(suite.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def default_cache_dir() -> Path:
+    """``benchmark/`` beside the native kernels' cache: under ``$METAOPT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/metaopt`` or ``~/.cache/metaopt``."""
+    return cache_dir().with_name("benchmark")
+
+
+def run_benchmark(
+    suite: Suite,
+    learned: Sequence[Learned],
+    output_dir: Path,
+    title: str,
+    cache: Path | None = None,
+    show_progress: bool = True,
+    threads: int = 1,
+) -> str:
+    """Run every task of ``suite`` with each ``learned`` optimizer and the tuned baselines (from ``cache``
+    where they are); write results.parquet, curves.parquet, results.md and speedup.png into ``output_dir``
+    and return the report. Torch runs on ``threads`` threads meanwhile: the suite's operations are too small
+    to gain from more, and on a busy machine more threads wait on each other."""
+    names = [optimizer.name for optimizer in learned]
+    clashes = sorted({name for name in names if names.count(name) > 1 or name in BASELINE_KINDS})
+    if clashes:
+        raise ConfigError(f"--optimizer names must be unique and differ from the baselines' ({', '.join(clashes)})")
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, not {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results, curves = _run_suite(suite, learned, cache or default_cache_dir(), show_progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return write_report(results, curves, output_dir, title)
+
+
+def _run_suite(
+    suite: Suite, learned: Sequence[Learned], cache: Path, show_progress: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results and curves of every task and optimizer, the baselines tuned or read from ``cache``."""
+    seeds = optimizee_seeds(suite.seed, suite.runs, "meta_test")
+    tasks = [make_task(entry.task, "meta_test") for entry in suite.tasks]
+    folders = [
+        cache / f"{entry.name}-{cache_key(entry, suite, task, seeds)}" for entry, task in zip(suite.tasks, tasks)
+    ]
+    configurations = len(grid_configurations(suite.baselines))
+    total = sum(
+        suite.runs * entry.steps * (len(learned) + (0 if folder.is_dir() else configurations + suite.speedup_cap))
+        for entry, folder in zip(suite.tasks, folders)
+    )
+    results, curves = [], []
+    with tqdm(total=total, desc="benchmark", unit="step", unit_scale=True, disable=not show_progress) as progress:
+        for entry, task, folder in zip(suite.tasks, tasks, folders):
+            if folder.is_dir():
+                tuned = load_tuned(folder, suite.baselines.kinds)
+                tqdm.write(f"{entry.name}: baselines cached ({folder})")
+            else:
+                progress.set_postfix_str(f"{entry.name}: {configurations} baselines")
+                started = time.perf_counter()
+                tuned = tune_baselines(task, seeds, suite, entry.steps, progress)
+                save_tuned(folder, tuned)
+                tqdm.write(
+                    f"{entry.name}: tuned {configurations} baselines in {time.perf_counter() - started:.0f} s, "
+                    f"best {tuned.best.name}; cached in {folder}"
+                )
+            runs = [(kind, baseline, losses) for kind, (baseline, losses) in tuned.best_of_kind.items()]
+            for optimizer in learned:
+                progress.set_postfix_str(f"{entry.name}: {optimizer.name}")
+                losses = run_learned(task, seeds, optimizer, entry.steps, progress)
+                runs.append((optimizer.name, optimizer.source, losses))
+            for name, source, losses in runs:
+                results.append(result_row(entry, name, source, losses, tuned, suite.speedup_cap))
+                curves.append(curve_rows(losses, {"task": entry.name, "optimizer": name}))
+    return pd.DataFrame(results), pd.concat(curves, ignore_index=True)
+
+
+def write_report(results: pd.DataFrame, curves: pd.DataFrame, output_dir: Path, title: str) -> str:
+    """Write results.parquet, curves.parquet, results.md and speedup.png; return the Markdown report."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results.to_parquet(output_dir / "results.parquet", index=False)
+    curves.to_parquet(output_dir / "curves.parquet", index=False)
+    report = markdown_report(results, title)
+    (output_dir / "results.md").write_text(report)
+    plot_speedups(results, output_dir / "speedup.png", title)
+    return report
+
+
+def markdown_report(results: pd.DataFrame, title: str) -> str:
+    """A table of every task and optimizer, then per learned optimizer its wins, median speedup and divergences."""
+    lines = [
+        f"# {title}",
+        "",
+        f"Final loss: mean over runs of the mean training loss over the last {FINAL_FRACTION:.0%} of the steps. "
+        "Loss ratio: final loss / the best tuned baseline's. Speedup: steps the best tuned baseline needs to "
+        "reach the final loss / the run's steps (≥: not reached within the cap).",
+        "",
+        "| task | steps | optimizer | final loss | loss ratio | speedup | diverged runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results.itertuples():
+        name = row.optimizer if row.learned else f"{row.optimizer} (lr {row.lr:g}, {row.schedule})"
+        if not row.learned and row.optimizer == row.baseline:
+            name = f"**{name}**"
+        speed = f"{'≥ ' if row.speedup_capped else ''}{row.speedup:.2f}"
+        lines.append(
+            f"| {row.task} | {row.steps} | {name} | {row.final_loss:.4g} | {row.loss_ratio:.3g} | {speed} | "
+            f"{row.diverged_runs}/{row.runs} |"
+        )
+    learned = results[results.learned]
+    if len(learned):
+        tasks = results.task.nunique()
+        lines += [
+            "",
+            "| learned optimizer | wins (final loss below the best baseline's) | median speedup | diverged on |",
+            "|---|---|---|---|",
+        ]
+        for name, rows in learned.groupby("optimizer", sort=False):
+            wins, diverged = int((rows.final_loss < rows.baseline_final_loss).sum()), int(rows.diverged.sum())
+            lines.append(f"| {name} | {wins}/{tasks} | {np.nanmedian(rows.speedup):.2f} | {diverged}/{tasks} tasks |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(results: pd.DataFrame, path: Path, title: str) -> None:
+    """Grouped bars from 1 to each optimizer's speedup per task, on a log scale; hatched where capped."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    tasks = list(dict.fromkeys(results.task))
+    optimizers = list(dict.fromkeys(results.optimizer))
+    width = 0.8 / len(optimizers)
+    figure = Figure(figsize=(max(6.0, 1.2 * len(tasks)), 4.5))
+    axes = figure.subplots()
+    capped = []
+    for index, name in enumerate(optimizers):
+        rows = results[results.optimizer == name].set_index("task").reindex(tasks)
+        positions = np.arange(len(tasks)) + (index - (len(optimizers) - 1) / 2) * width
+        bars = axes.bar(positions, rows.speedup.to_numpy(dtype=float) - 1, width, bottom=1, label=name)
+        capped += [bar for bar, cap in zip(bars, rows.speedup_capped.to_numpy(dtype=bool)) if cap]
+    axes.legend(fontsize="small")  # before the hatches, so the legend's patches have none
+    for bar in capped:
+        bar.set_hatch("//")
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
+    axes.set_xticks(np.arange(len(tasks)), tasks, rotation=30, ha="right")
+    axes.set_ylabel("speedup over the best baseline")
+    axes.set_title(title + ("; hatched: capped, a lower bound" if capped else ""))
+    axes.grid(True, axis="y", which="major", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
