@@ -461,8 +461,7 @@ def run_benchmark(
 ) -> str:
     """Run every task of ``suite`` with each ``learned`` optimizer and the tuned baselines (from ``cache``
     where they are); write results.parquet, curves.parquet, results.md and speedup.png into ``output_dir``
-    and return the report. Torch runs on ``threads`` threads meanwhile: the suite's operations are too small
-    to gain from more, and on a busy machine more threads wait on each other."""
+    and return the report. Torch runs on ``threads`` threads meanwhile."""
     names = [optimizer.name for optimizer in learned]
     clashes = sorted({name for name in names if names.count(name) > 1 or name in BASELINE_KINDS})
     if clashes:

@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="torch threads (default 1: the suite's small models gain nothing from more, and lose on a busy machine)",
+        help="torch threads (default 1: small models, and on a busy machine more threads wait on each other)",
     )
     _add_run_options(benchmark)
     benchmark.set_defaults(handler=_benchmark)
