@@ -296,6 +296,11 @@ class TrainConfig(StrictModel):
         description="meta-train on a mixture: every episode (on every Ray worker) draws one family by weight and "
         "a configuration of it; default: the config's task (which is always the one validated on)",
     )
+    meta_loss: Literal["loss", "relative"] = Field(
+        "loss",
+        description="relative: each optimizee's losses over its loss at the start of its episode, so that "
+        "families whose losses differ in scale weigh alike in a mixture",
+    )
     seed: int = Field(0, ge=0)
     eval_every: int = Field(50, ge=1)
     eval_runs: int = Field(20, ge=1)

@@ -9,7 +9,8 @@ import torch
 from module_tasks import small_cnn
 
 from metaopt.config import ConfigError, ImageMLPTaskConfig, validate_config
-from metaopt.meta import MetaTrainer
+from metaopt.meta import MetaTrainer, make_estimator
+from metaopt.optimizers import make_optimizer
 from metaopt.tasks import ModuleTask, Quadratic, TaskMixture, make_task, optimizee_seeds
 
 QUADRATICS = [{"kind": "quadratic", "dim": 4}, {"kind": "quadratic", "dim": 7}]
@@ -78,10 +79,11 @@ def test_meta_training_on_a_mixture_of_shapes(tmp_path, estimator):
 
 def test_resume_continues_a_mixture_exactly(tmp_path):
     tasks = [{"task": QUADRATICS[0]}, {"task": QUADRATICS[1]}]
-    straight = MetaTrainer(mixture_config(tasks, "pes"), tmp_path / "straight")
+    straight = MetaTrainer(mixture_config(tasks, "pes", meta_loss="relative"), tmp_path / "straight")
     straight.train(show_progress=False)
-    MetaTrainer(mixture_config(tasks, "pes", meta_steps=3), tmp_path / "interrupted").train(show_progress=False)
-    resumed = MetaTrainer(mixture_config(tasks, "pes"), tmp_path / "interrupted")
+    interrupted = mixture_config(tasks, "pes", meta_steps=3, meta_loss="relative")
+    MetaTrainer(interrupted, tmp_path / "interrupted").train(show_progress=False)
+    resumed = MetaTrainer(mixture_config(tasks, "pes", meta_loss="relative"), tmp_path / "interrupted")
     resumed.resume(tmp_path / "interrupted")
     resumed.train(show_progress=False)
     for name, value in straight.meta_params.items():
@@ -148,3 +150,20 @@ def test_meta_training_on_a_mixture_of_every_sampled_family(tmp_path, mnist_root
     )
     assert len(drawn) >= 3  # (10 meta-steps of 2 truncations: 5 episodes)
     assert all(torch.isfinite(torch.tensor(row["meta_loss"])) for row in trainer.history)
+
+
+@pytest.mark.parametrize("kind", ["tbptt", "pes"])
+def test_a_relative_meta_loss_divides_each_optimizees_losses_by_its_initial_loss(kind):
+    config = validate_config({"task": QUADRATICS[0], "train": {"estimator": {"kind": kind, "pairs": 2}}}).train
+    family, optimizer = Quadratic(4), make_optimizer("phnn")
+    seeds = optimizee_seeds(0, 1, "meta_train")
+
+    def estimator(relative):
+        return make_estimator(config.estimator, family, optimizer, lambda e: seeds, 5, 10, seed=3, relative=relative)
+
+    meta_params = optimizer.init_meta_params(0)
+    plain, relative = estimator(False).estimate(meta_params), estimator(True).estimate(meta_params)
+    initial = float(family.batched_loss(family.sample(seeds).params, family.sample(seeds), 0)[0])
+    assert relative.meta_loss == pytest.approx(plain.meta_loss / initial, rel=1e-5)
+    for name, grad in plain.grads.items():
+        torch.testing.assert_close(relative.grads[name] * initial, grad, rtol=1e-4, atol=1e-6)

@@ -51,7 +51,9 @@ class GradientSource(Protocol):
 class Estimator:
     """Carries optimizee state across truncations; ``estimate`` gives the next meta-gradient.
 
-    ``tasks``: a ``TaskFamily``, or a ``TaskMixture`` that draws each episode's family.
+    ``tasks``: a ``TaskFamily``, or a ``TaskMixture`` that draws each episode's family. ``relative``: the
+    meta-loss divides each optimizee's losses by its loss at the start of its episode, so that families
+    whose losses differ in scale weigh alike in a mixture.
     """
 
     def __init__(
@@ -61,8 +63,11 @@ class Estimator:
         seeds: SeedsFn,
         unroll_length: int,
         episode_length: int,
+        relative: bool = False,
     ):
         self.tasks = tasks
+        self.relative = relative
+        self.loss_scale: Tensor | None = None  # relative: each optimizee's loss at the start of its episode
         self.family = tasks.episode_family(0)
         self.optimizer = optimizer
         self.seeds = seeds
@@ -77,7 +82,15 @@ class Estimator:
             self.reset_episode()
         if self.state is None:
             self.state = self._new_episode()
+            if self.relative:
+                start = self.state.optimizees
+                with torch.no_grad():
+                    self.loss_scale = self.family.batched_loss(start.params, start, 0).clamp(min=1e-12)
         return self.state
+
+    def _meta_losses(self, losses: Tensor) -> Tensor:
+        """The truncation's losses ``[length, B]`` as the meta-loss counts them (relative or as they are)."""
+        return losses / self.loss_scale if self.relative else losses
 
     def _new_episode(self) -> UnrollState:
         return start_episode(self._sample(), self.optimizer)
@@ -104,6 +117,7 @@ class Estimator:
             return {"episode": self.episode}
         s = self.state
         return {
+            **({"loss_scale": self.loss_scale} if self.relative else {}),
             "episode": self.episode,
             "step": s.step,
             "seeds": s.optimizees.seeds,
@@ -118,6 +132,7 @@ class Estimator:
         if "step" not in saved:
             self.state = None
             return
+        self.loss_scale = saved.get("loss_scale")
         optimizees = Optimizees(saved["seeds"], saved["params"], dict(saved["data"]))
         self.state = UnrollState(optimizees, saved["params"], dict(saved["opt_state"]), int(saved["step"]))
 
@@ -137,7 +152,7 @@ class TruncatedBackprop(Estimator):
         losses, new_state = unroll(
             self.family, self.optimizer.update, leaves, state, length, self.second_order, self.checkpoint_steps
         )
-        meta_loss = losses.mean(dim=1).sum()
+        meta_loss = self._meta_losses(losses).mean(dim=1).sum()
         grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
         self.state = new_state.detached()
         return Estimate(
@@ -197,7 +212,7 @@ class AntitheticES(Estimator):
         with torch.no_grad():
             losses, new_state = unroll(self.family, update, perturbed, state, length)
         self.state = new_state.detached()
-        particle_loss = losses.reshape(length, particles, per_particle).mean(dim=(0, 2))  # [2·pairs]
+        particle_loss = self._meta_losses(losses).reshape(length, particles, per_particle).mean(dim=(0, 2))  # [2·pairs]
         difference = particle_loss[: self.pairs] - particle_loss[self.pairs :]  # [pairs]
         scale = length / (2 * self.sigma**2 * self.pairs)
         grads = {k: scale * torch.einsum("p,p...->...", difference, direction[k]) for k in meta_params}
@@ -224,11 +239,18 @@ def make_estimator(
     episode_length: int,
     seed: int = 0,
     checkpoint_steps: int = 0,
+    relative: bool = False,
 ) -> Estimator:
     """The estimator an ``EstimatorConfig`` describes; ``checkpoint_steps`` > 0 turns on activation
-    checkpointing of truncated backprop's unroll in chunks of that many steps."""
+    checkpointing of truncated backprop's unroll in chunks of that many steps; ``relative``: a meta-loss
+    relative to each optimizee's loss at the start of its episode."""
     common = dict(
-        tasks=tasks, optimizer=optimizer, seeds=seeds, unroll_length=unroll_length, episode_length=episode_length
+        tasks=tasks,
+        optimizer=optimizer,
+        seeds=seeds,
+        unroll_length=unroll_length,
+        episode_length=episode_length,
+        relative=relative,
     )
     if config.kind == "tbptt":
         return TruncatedBackprop(**common, second_order=config.second_order, checkpoint_steps=checkpoint_steps)

@@ -79,6 +79,7 @@ def share_estimator(
         episode_length=train.episode_length,
         seed=train.seed + 7919 * worker,
         checkpoint_steps=train.unroll_checkpoint_steps,
+        relative=train.meta_loss == "relative",
     )
 
 
