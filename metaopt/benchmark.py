@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,20 @@ from typing import Annotated, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from metaopt.api import load_optimizer
-from metaopt.config import ConfigError, ModuleTaskConfig, StrictModel, apply_overrides, read_yaml_mapping
+from metaopt.config import (
+    ConfigError,
+    ModuleTaskConfig,
+    StrictModel,
+    apply_overrides,
+    read_yaml_mapping,
+    repeated,
+    validate_model,
+)
 from metaopt.meta.checkpoint import CheckpointError, load_checkpoint
 from metaopt.optimizers.native import cache_dir
 from metaopt.tasks import ModuleTask, Optimizees, make_task, optimizee_seeds
@@ -80,8 +87,7 @@ class Suite(StrictModel):
     @field_validator("tasks")
     @classmethod
     def _unique_names(cls, tasks: list[SuiteTask]) -> list[SuiteTask]:
-        names = [task.name for task in tasks]
-        duplicated = sorted({name for name in names if names.count(name) > 1})
+        duplicated = repeated([task.name for task in tasks])
         if duplicated:
             raise ValueError(f"task names must be unique ({', '.join(duplicated)})")
         return tasks
@@ -91,41 +97,13 @@ def load_suite(path: str | Path, overrides: Sequence[str] = ()) -> Suite:
     """Read, override and validate a suite file, and import its task factories; any problem raises
     ``ConfigError`` naming the field."""
     data = apply_overrides(read_yaml_mapping(Path(path), "suite file", "tasks, runs, seed, baselines"), list(overrides))
-    try:
-        suite = Suite.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"invalid suite {path}:\n  " + "\n  ".join(map(_describe, error.errors()))) from None
+    suite = validate_model(Suite, data, f"invalid suite {path}")
     for index, task in enumerate(suite.tasks):
         try:
             load_factory(task.task.factory)
         except ValueError as error:
             raise ConfigError(f"invalid suite {path}:\n  tasks[{index}].task.factory: {error}") from None
     return suite
-
-
-def _describe(error: dict) -> str:
-    """One pydantic error as ``field.path: what is wrong``."""
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
-    if error["type"] == "extra_forbidden":
-        return f"{path}: unknown field; allowed fields here: {', '.join(_owner(error['loc']).model_fields)}"
-    if error["type"] == "missing":
-        return f"{path}: required field is missing"
-    got = "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
-    return f"{path}: {error['msg'].removeprefix('Value error, ')}{got}"
-
-
-def _owner(loc: tuple) -> type[StrictModel]:
-    """The suite model that holds the last field of ``loc``."""
-    model = Suite
-    for part in loc[:-1]:
-        if isinstance(part, str):
-            annotation = model.model_fields[part].annotation
-            model = next(a for a in (annotation, *typing.get_args(annotation)) if _is_model(a))
-    return model
-
-
-def _is_model(annotation) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 @dataclass(frozen=True)
@@ -463,7 +441,7 @@ def run_benchmark(
     where they are); write results.parquet, curves.parquet, results.md and speedup.png into ``output_dir``
     and return the report. Torch runs on ``threads`` threads meanwhile."""
     names = [optimizer.name for optimizer in learned]
-    clashes = sorted({name for name in names if names.count(name) > 1 or name in BASELINE_KINDS})
+    clashes = sorted(set(repeated(names)) | (set(names) & set(BASELINE_KINDS)))
     if clashes:
         raise ConfigError(f"--optimizer names must be unique and differ from the baselines' ({', '.join(clashes)})")
     if threads < 1:

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from metaopt.optimizers import LEARNED, OPTIMIZERS, optimizer_options
 
+Model = typing.TypeVar("Model", bound=BaseModel)
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which field and what is allowed."""
@@ -391,8 +393,7 @@ class EvaluateConfig(StrictModel):
     @field_validator("optimizers")
     @classmethod
     def _unique_names(cls, optimizers: list[OptimizerConfig]) -> list[OptimizerConfig]:
-        names = [o.name for o in optimizers]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
+        duplicated = repeated([o.name for o in optimizers])
         if duplicated:
             raise ValueError(f"optimizer names must be unique; give each a distinct 'name' ({', '.join(duplicated)})")
         return optimizers
@@ -440,6 +441,11 @@ class Config(StrictModel):
         if device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()):
             return device
         raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+def repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
 
 
 def resolve_device(device: str) -> torch.device:
@@ -515,15 +521,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 def validate_config(data: dict, source: str = "config", heading: str | None = None) -> Config:
     """Validate a config mapping, turning pydantic's errors into one readable ``ConfigError``
     (headed ``invalid config SOURCE``, or ``heading``)."""
+    return validate_model(Config, data, heading or f"invalid config {source}")
+
+
+def validate_model(root: type[Model], data: dict, heading: str) -> Model:
+    """``data`` validated as a ``root`` model (a config, a search, a suite); its errors become one
+    ``ConfigError`` under ``heading``, a line per field naming it, what was wrong and what is allowed."""
     try:
-        return Config.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as error:
-        lines = [_describe(err) for err in error.errors()]
-        raise ConfigError((heading or f"invalid config {source}") + ":\n  " + "\n  ".join(lines)) from None
+        lines = [_describe(err, root) for err in error.errors()]
+        raise ConfigError(heading + ":\n  " + "\n  ".join(lines)) from None
 
 
-def _describe(err: dict) -> str:
-    path, model = _field_path(err["loc"])
+def _describe(err: dict, root: type[BaseModel]) -> str:
+    path, model = _field_path(err["loc"], root)
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(model.model_fields) if model else "see the docs"
@@ -534,9 +546,9 @@ def _describe(err: dict) -> str:
     return f"{path}: {message}{got}"
 
 
-def _field_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
-    """A dotted path for pydantic's ``loc`` (union tags dropped) and the model that owns its end."""
-    path, annotation, owner = "", Config, None
+def _field_path(loc: tuple, root: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
+    """A dotted path for pydantic's ``loc`` in ``root`` (union tags dropped) and the model that owns its end."""
+    path, annotation, owner = "", root, None
     for part in loc:
         annotation = _strip_annotated(annotation)
         if typing.get_origin(annotation) in (Union, types.UnionType):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from metaopt.config import (
     Config,
@@ -31,6 +31,7 @@ from metaopt.config import (
     read_yaml_mapping,
     set_path,
     validate_config,
+    validate_model,
 )
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint", "lograndint")
@@ -194,16 +195,7 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> SearchS
     data = _apply_search_overrides(
         read_yaml_mapping(path, "search file", "base, set, search, space, pbt"), overrides or []
     )
-    try:
-        spec = TuneSpec.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(
-            f"invalid search {path}:\n  "
-            + "\n  ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'search'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in error.errors()
-            )
-        ) from None
+    spec = validate_model(TuneSpec, data, f"invalid search {path}")
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{path}: base {spec.base} does not exist (looked for {base_path})")
