@@ -303,12 +303,24 @@ class TrainConfig(StrictModel):
         description="relative: each optimizee's losses over its loss at the start of its episode, so that "
         "families whose losses differ in scale weigh alike in a mixture",
     )
+    validation: Literal["task", "mixture"] = Field(
+        "task",
+        description="what checkpoints are chosen on: the config's task, or (with tasks) eval_tasks tasks drawn "
+        "from the mixture, scored by each optimizee's final loss relative to its initial one",
+    )
+    eval_tasks: int = Field(8, ge=1, description="validation: mixture: how many tasks are drawn")
     seed: int = Field(0, ge=0)
     eval_every: int = Field(50, ge=1)
     eval_runs: int = Field(20, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     output_dir: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _mixture_to_validate_on(self) -> TrainConfig:
+        if self.validation == "mixture" and self.tasks is None:
+            raise ValueError("validation: mixture needs a mixture: set tasks, or validation: task")
+        return self
 
     @model_validator(mode="after")
     def _unroll_fits(self) -> TrainConfig:

@@ -10,6 +10,7 @@ from module_tasks import small_cnn
 
 from metaopt.config import ConfigError, ImageMLPTaskConfig, validate_config
 from metaopt.meta import MetaTrainer, make_estimator
+from metaopt.meta.unroll import rollout_losses
 from metaopt.optimizers import make_optimizer
 from metaopt.tasks import ModuleTask, Quadratic, TaskMixture, make_task, optimizee_seeds
 
@@ -167,3 +168,21 @@ def test_a_relative_meta_loss_divides_each_optimizees_losses_by_its_initial_loss
     assert relative.meta_loss == pytest.approx(plain.meta_loss / initial, rel=1e-5)
     for name, grad in plain.grads.items():
         torch.testing.assert_close(relative.grads[name] * initial, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_validation_on_the_mixture_scores_relative_final_losses_on_meta_test_tasks(tmp_path):
+    tasks = [{"task": QUADRATICS[0]}, {"task": QUADRATICS[1]}]
+    trainer = MetaTrainer(mixture_config(tasks, validation="mixture", eval_tasks=4, meta_steps=3), tmp_path / "run")
+    families = [family for family, _ in trainer.validation]
+    assert len(families) == 4 and {family.dim for family in families} == {4, 7}
+    meta_params = {k: v.detach() for k, v in trainer.meta_params.items()}
+    expected = []
+    for family, optimizees in trainer.validation:
+        assert optimizees.seeds.remainder(2).eq(1).all()  # meta-test optimizees
+        losses = rollout_losses(family, trainer.optimizer, meta_params, optimizees, 4)
+        expected.append(float((losses[:, -1] / losses[:, 0]).mean()))
+    assert trainer.heldout_loss() == pytest.approx(sum(expected) / 4, rel=1e-6)
+    trainer.train(show_progress=False)
+    assert 0 < trainer.best_heldout < 1
+    with pytest.raises(ConfigError, match="validation: mixture needs a mixture"):
+        validate_config({"task": QUADRATICS[0], "train": {"validation": "mixture"}})

@@ -33,6 +33,9 @@ CheckpointFn = Callable[[Path, dict[str, float]], None]  # (checkpoint folder, t
 BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
+VALIDATION_STREAM = 2**31 - 1  # the mixture stream validation tasks are drawn from; workers use 0, 1, ...
+
+
 def training_tasks(config: Config, device: torch.device, data=None, worker: int = 0) -> TaskFamily | TaskMixture:
     """What worker ``worker`` meta-trains on: the config's task, or a mixture of ``train.tasks`` drawn
     from the worker's own stream. ``data``: the task's data (``task_data``), or a list of every mixture
@@ -40,15 +43,23 @@ def training_tasks(config: Config, device: torch.device, data=None, worker: int 
     train = config.train
     if train.tasks is None:
         return make_task(config.task, "meta_train", device, data=data)
-    return TaskMixture(
-        [entry.task for entry in train.tasks],
-        [entry.weight for entry in train.tasks],
-        "meta_train",
-        device,
-        data,
-        seed=train.seed,
-        stream=worker,
-    )
+    return _mixture(config, "meta_train", device, data, worker)
+
+
+def _mixture(config: Config, half, device: torch.device, data, stream: int) -> TaskMixture:
+    tasks = config.train.tasks
+    weights = [entry.weight for entry in tasks]
+    return TaskMixture([e.task for e in tasks], weights, half, device, data, seed=config.train.seed, stream=stream)
+
+
+def validation_tasks(config: Config, device: torch.device) -> list[TaskFamily]:
+    """The families checkpoints are chosen on: the config's task, or (``train.validation: mixture``)
+    ``train.eval_tasks`` tasks drawn from the mixture on the meta-test halves of their data."""
+    train = config.train
+    if train.validation == "task":
+        return [make_task(config.task, "meta_test", device)]
+    mixture = _mixture(config, "meta_test", device, None, VALIDATION_STREAM)
+    return [mixture.episode_family(episode) for episode in range(train.eval_tasks)]
 
 
 def training_data(config: Config) -> list | tuple | None:
@@ -99,10 +110,12 @@ class MetaTrainer:
         train = config.train
         self.device = resolve_device(config.device)
         self.optimizer = config.optimizer.build()
-        self.heldout_family = make_task(config.task, "meta_test", self.device)
-        # Validation optimizees: meta-test ones from their own seed stream (1), so choosing the best
+        # Validation optimizees: meta-test ones from their own seed streams (1, 2, ...), so choosing the best
         # checkpoint never sees the optimizees of the final comparison (stream 0).
-        self.heldout = self.heldout_family.sample(optimizee_seeds(train.seed, train.eval_runs, "meta_test", stream=1))
+        self.validation = [
+            (family, family.sample(optimizee_seeds(train.seed, train.eval_runs, "meta_test", stream=1 + index)))
+            for index, family in enumerate(validation_tasks(config, self.device))
+        ]
         self.meta_params: MetaParams = {
             k: v.to(self.device).requires_grad_(True) for k, v in self.optimizer.init_meta_params(train.seed).items()
         }
@@ -145,12 +158,14 @@ class MetaTrainer:
         }
 
     def heldout_loss(self) -> float:
-        """Mean final loss of the current optimizer on the fixed held-out optimizees."""
+        """Mean final loss of the current optimizer on the fixed validation optimizees; with ``validation:
+        mixture``, of each optimizee's final loss over its initial one, averaged over the validation tasks."""
         meta_params = {k: v.detach() for k, v in self.meta_params.items()}
-        losses = rollout_losses(
-            self.heldout_family, self.optimizer, meta_params, self.heldout, self.config.train.episode_length
-        )
-        return mean_final_loss(losses)
+        relative, scores = self.config.train.validation == "mixture", []
+        for family, optimizees in self.validation:
+            losses = rollout_losses(family, self.optimizer, meta_params, optimizees, self.config.train.episode_length)
+            scores.append(mean_final_loss(losses / losses[:, :1] if relative else losses))
+        return sum(scores) / len(scores)
 
     @property
     def best_checkpoint(self) -> Path:
