@@ -14,8 +14,9 @@ from metaopt.tracking.registry import resolve_checkpoint
 def load_optimizer(source: str | Path, params: Iterable, tracking_uri: str | None = None, **options: Any):
     """A ``torch.optim.Optimizer`` that steps ``params`` with the trained optimizer at ``source``.
 
-    ``source``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/optimizer`` or a local
-    checkpoint folder (remote ones cached, and weights checked, by ``resolve_checkpoint``). ``options``
+    ``source``: ``pretrained:general`` (shipped in the package, no network), ``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``, ``runs:/RUN_ID/optimizer`` or a local checkpoint folder (remote ones cached,
+    and weights checked, by ``resolve_checkpoint``). ``options``
     go to ``LearnedOptimizer`` (e.g. ``lr``, a multiplier on the learned updates, 1.0 as trained;
     ``horizon``, the steps of the run for a learned step schedule).
     """

@@ -30,6 +30,8 @@ from metaopt.tracking.tracker import bound_http_requests
 MODEL_ARTIFACT = "optimizer"  # the model's name inside its run
 CODE = Path(__file__).with_name("pyfunc_model.py")
 LATEST = "latest"  # MLflow's reserved alias: always the newest version
+PRETRAINED_PREFIX = "pretrained:"
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"  # optimizers shipped in the package
 DIGEST_TAG = "metaopt.sha256"  # model-version tag: the SHA-256 of the registered weights
 DIGEST_KEY = "sha256"  # the same digest in the registered checkpoint's spec.json
 ABSENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # MLflow's answers for an unknown name
@@ -277,8 +279,15 @@ def pull(source: str, directory: Path, tracking_uri: str | None = None) -> Path:
 
 def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> Path:
     """A local checkpoint folder for ``source``, its weights checked against their registered SHA-256:
-    a folder, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/...``."""
+    ``pretrained:NAME`` (shipped in the package), a folder, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
+    or ``runs:/RUN_ID/...``."""
     text = str(source)
+    if text.startswith(PRETRAINED_PREFIX):
+        name = text.removeprefix(PRETRAINED_PREFIX)
+        shipped = sorted(path.name for path in PRETRAINED.iterdir() if (path / "spec.json").is_file())
+        if name not in shipped:
+            raise CheckpointError(f"{text}: no such pretrained optimizer; shipped: {', '.join(shipped)}")
+        return _verified(PRETRAINED / name, None, text, "reinstall metaopt")
     if not text.startswith(("models:/", "runs:/")):
         path = Path(text).expanduser()
         if not path.is_dir():
