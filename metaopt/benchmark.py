@@ -422,12 +422,6 @@ def default_output_dir(suite: Suite, name: str) -> Path:
     return Path(suite.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def default_cache_dir() -> Path:
-    """``benchmark/`` beside the native kernels' cache: under ``$METAOPT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/metaopt`` or ``~/.cache/metaopt``."""
-    return cache_dir().with_name("benchmark")
-
-
 def run_benchmark(
     suite: Suite,
     learned: Sequence[Learned],
@@ -449,7 +443,7 @@ def run_benchmark(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results, curves = _run_suite(suite, learned, cache or default_cache_dir(), show_progress)
+        results, curves = _run_suite(suite, learned, cache or cache_dir("benchmark"), show_progress)
     finally:
         torch.set_num_threads(previous_threads)
     return write_report(results, curves, output_dir, title)

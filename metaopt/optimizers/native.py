@@ -33,11 +33,12 @@ class FusedUnsupported(ValueError):
 _libraries: dict[str, ctypes.CDLL | NativeUnavailable] = {}
 
 
-def cache_dir() -> Path:
-    """``$METAOPT_CACHE_DIR/native``, else ``$XDG_CACHE_HOME/metaopt/native`` or ``~/.cache/metaopt/native``."""
+def cache_dir(kind: str = "native") -> Path:
+    """metaopt's cache of ``kind`` (native kernels, registry pulls, benchmark baselines):
+    ``$METAOPT_CACHE_DIR/KIND``, else ``$XDG_CACHE_HOME/metaopt/KIND`` or ``~/.cache/metaopt/KIND``."""
     if os.environ.get("METAOPT_CACHE_DIR"):
-        return Path(os.environ["METAOPT_CACHE_DIR"]) / "native"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaopt" / "native"
+        return Path(os.environ["METAOPT_CACHE_DIR"]) / kind
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaopt" / kind
 
 
 def library(name: str) -> ctypes.CDLL:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from metaopt.tasks.families import mlp
 from metaopt.tasks.module import ModuleTaskSpec
 
 SEQUENCE_EXAMPLES = 1024
@@ -31,13 +32,6 @@ def _sklearn_classification(name: str) -> tuple[Tensor, Tensor]:
     return _standardised(data.data), torch.as_tensor(data.target, dtype=torch.int64)
 
 
-def _mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out), activation()]
-    return nn.Sequential(*layers[:-1])
-
-
 def _classification(inputs: Tensor, targets: Tensor, model) -> ModuleTaskSpec:
     return ModuleTaskSpec(model=model, inputs=inputs, targets=targets, loss=nn.functional.cross_entropy)
 
@@ -45,13 +39,13 @@ def _classification(inputs: Tensor, targets: Tensor, model) -> ModuleTaskSpec:
 def wine_mlp() -> ModuleTaskSpec:
     """Wine cultivars (178 wines, 13 chemical measurements, 3 classes): an MLP 13 → 32 → 3 (tanh)."""
     inputs, targets = _sklearn_classification("wine")
-    return _classification(inputs, targets, lambda: _mlp([13, 32, 3]))
+    return _classification(inputs, targets, lambda: mlp([13, 32, 3], "tanh"))
 
 
 def breast_cancer_mlp() -> ModuleTaskSpec:
     """Breast cancer diagnosis (569 tumours, 30 features, 2 classes): an MLP 30 → 32 → 32 → 2 (ReLU)."""
     inputs, targets = _sklearn_classification("breast_cancer")
-    return _classification(inputs, targets, lambda: _mlp([30, 32, 32, 2], nn.ReLU))
+    return _classification(inputs, targets, lambda: mlp([30, 32, 32, 2], "relu"))
 
 
 def iris_logistic() -> ModuleTaskSpec:
@@ -66,7 +60,9 @@ def diabetes_regression() -> ModuleTaskSpec:
 
     data = load_diabetes()
     inputs, targets = _standardised(data.data), _standardised(data.target[:, None])
-    return ModuleTaskSpec(model=lambda: _mlp([10, 32, 1]), inputs=inputs, targets=targets, loss=nn.functional.mse_loss)
+    return ModuleTaskSpec(
+        model=lambda: mlp([10, 32, 1], "tanh"), inputs=inputs, targets=targets, loss=nn.functional.mse_loss
+    )
 
 
 def _digits() -> tuple[Tensor, Tensor]:
@@ -77,7 +73,7 @@ def _digits() -> tuple[Tensor, Tensor]:
 def digits_mlp() -> ModuleTaskSpec:
     """Digits as 64 pixels: an MLP 64 → 32 → 10 (ReLU)."""
     inputs, targets = _digits()
-    return _classification(inputs, targets, lambda: _mlp([64, 32, 10], nn.ReLU))
+    return _classification(inputs, targets, lambda: mlp([64, 32, 10], "relu"))
 
 
 def digits_cnn() -> ModuleTaskSpec:
@@ -125,7 +121,7 @@ class SequenceTransformer(nn.Module):
         self.attention_norm = nn.LayerNorm(width)
         self.attention = SelfAttention(width, heads)
         self.mlp_norm = nn.LayerNorm(width)
-        self.mlp = _mlp([width, 2 * width, width], nn.GELU)
+        self.mlp = mlp([width, 2 * width, width], "gelu")
         self.readout = nn.Linear(width, classes)
 
     def forward(self, tokens: Tensor) -> Tensor:

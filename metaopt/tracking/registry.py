@@ -43,11 +43,10 @@ class RegistryError(LookupError):
 
 
 def cache_root() -> Path:
-    """``registry/`` beside the native kernels' cache: under ``$METAOPT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/metaopt`` or ``~/.cache/metaopt``."""
+    """The pulled models' cache: ``registry`` in metaopt's cache folder (``cache_dir``)."""
     from metaopt.optimizers.native import cache_dir
 
-    return cache_dir().with_name("registry")
+    return cache_dir("registry")
 
 
 def weights_sha256(checkpoint: Path) -> str:
