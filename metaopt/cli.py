@@ -258,7 +258,10 @@ def _registry(args: argparse.Namespace) -> int:
 
     uri = args.tracking_uri
     if args.action == "register":
-        version = registry.register_run(args.run_id, args.name, args.alias, tracking_uri=uri)
+        if args.source.startswith(registry.PRETRAINED_PREFIX) or Path(args.source).is_dir():
+            version = registry.register_checkpoint(args.source, args.name, args.alias, tracking_uri=uri)
+        else:
+            version = registry.register_run(args.source, args.name, args.alias, tracking_uri=uri)
         print(f"registered {args.name} version {version}" + (f" as @{args.alias}" if args.alias else ""))
     elif args.action == "list":
         rows = registry.list_models(uri)
@@ -440,8 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", metavar="URI", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     )
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
-    register = actions.add_parser("register", help="register a meta-training run's best optimizer")
-    register.add_argument("run_id", metavar="RUN_ID")
+    register = actions.add_parser(
+        "register",
+        help="register a meta-training run's best optimizer, a shipped one (pretrained:general) or a checkpoint",
+    )
+    register.add_argument("source", metavar="RUN_ID|pretrained:NAME|CHECKPOINT_DIR")
     register.add_argument("name", metavar="NAME")
     register.add_argument("--alias", help="alias for the new version, e.g. candidate")
     actions.add_parser("list", help="registered optimizers with their aliases")

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import MlflowServer
 from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
@@ -23,7 +24,7 @@ from metaopt.cli import main as metaopt_main
 from metaopt.meta.checkpoint import WEIGHTS, CheckpointError, save_checkpoint
 from metaopt.optimizers import make_optimizer
 from metaopt.tracking import RegistryError
-from metaopt.tracking.registry import DIGEST_TAG, cache_root, weights_sha256
+from metaopt.tracking.registry import DIGEST_TAG, cache_root, resolve_checkpoint, weights_sha256
 from metaopt.tracking.tracker import HTTP_DEFAULTS
 
 pytestmark = pytest.mark.integration  # real Ray clusters or MLflow servers
@@ -193,3 +194,25 @@ def test_a_password_protected_server_takes_runs_and_loads_with_credentials_only(
             metaopt.load_optimizer("models:/guarded@latest", model.parameters(), tracking_uri=server.uri)
     finally:
         server.stop()
+
+
+def test_the_shipped_optimizer_registers_with_one_command_and_loads_from_the_registry(mlflow_server, capsys):
+    uri = mlflow_server.uri
+    command = ["registry", "--tracking-uri", uri, "register", "pretrained:general", "general", "--alias", "production"]
+    assert metaopt_main(command) == 0
+    assert "registered general version 1 as @production" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("general", "production")
+    shipped = resolve_checkpoint("pretrained:general")
+    assert version.tags["source"] == "pretrained:general" and version.tags[DIGEST_TAG] == weights_sha256(shipped)
+    assert client.get_run(version.run_id).data.params["kind"] == "phnn"
+
+    registered = resolve_checkpoint("models:/general@production", uri)
+    assert load_file(registered / WEIGHTS).keys() == load_file(shipped / WEIGHTS).keys()
+    assert all(
+        torch.equal(load_file(registered / WEIGHTS)[name], tensor)
+        for name, tensor in load_file(shipped / WEIGHTS).items()
+    )
+    model = nn.Linear(10, 1)
+    losses = fit(model, metaopt.load_optimizer("models:/general@production", model.parameters(), tracking_uri=uri))
+    assert losses[-1] < losses[0]

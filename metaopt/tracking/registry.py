@@ -210,6 +210,31 @@ def register_run(
         return register_optimizer(model_uri, name, alias, tags, tracking_uri)
 
 
+def register_checkpoint(
+    source: str | Path,
+    name: str,
+    alias: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "metaopt-registered",
+) -> int:
+    """Register ``pretrained:NAME`` or a checkpoint folder as a new version of ``name``: logged as the
+    optimizer model of a new run (named after ``source``, its spec's hyperparameters as params) in
+    ``experiment``, so a registry holds optimizers that were meta-trained elsewhere."""
+    import mlflow
+
+    checkpoint = resolve_checkpoint(source)
+    spec = read_spec(checkpoint)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    with _server(mlflow.get_tracking_uri()):
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=str(source)) as run:
+            mlflow.log_params({"kind": spec["kind"], **spec.get("hyperparameters", {})})
+    model_uri = log_optimizer_model(run.info.run_id, checkpoint, tracking_uri=tracking_uri)
+    tags = {"metaopt.version": __version__, "source": str(source), DIGEST_TAG: weights_sha256(checkpoint)}
+    return register_optimizer(model_uri, name, alias, tags, tracking_uri)
+
+
 def promote(name: str, version: int, alias: str, tracking_uri: str | None = None) -> None:
     from mlflow import MlflowClient
 
