@@ -110,6 +110,7 @@ def test_optimizer_step_benchmark_writes_its_table_as_json(tmp_path):
             "--kinds",
             "phnn",
             "hnn_seed",
+            "pretrained:general",
             "--compile",
             "--device",
             "cpu",
@@ -123,7 +124,9 @@ def test_optimizer_step_benchmark_writes_its_table_as_json(tmp_path):
     )
     rows = json.loads(output.read_text())["rows"]
     names = {row["optimizer"] for row in rows}
-    assert {"adam (foreach)", "phnn", "hnn_seed", "hnn_seed (fused)"} <= names
+    assert {"adam (foreach)", "phnn", "hnn_seed", "hnn_seed (fused)", "pretrained:general (fused)"} <= names
+    shipped = next(row for row in rows if row["optimizer"] == "pretrained:general (fused)")
+    assert shipped["state_vs_adam"] == pytest.approx(1.0, rel=1e-2)  # p and the gradient's running mean square
     phnn = next(row for row in rows if row["optimizer"] == "phnn")
     assert {"step_ms", "time_vs_adam_foreach", "state_mb", "state_vs_adam"} <= set(phnn)
     assert phnn["state_vs_adam"] == pytest.approx(

@@ -4,7 +4,8 @@ Models are stacks of ``nn.Linear(width, width)`` with about 10^4, 10^6 and 10^7 
 fixed random gradients; only ``optimizer.step()`` is timed (median of ``--repeats`` after
 ``--warmup`` steps). The learned optimizers are loaded from checkpoint folders through
 ``metaopt.load_optimizer`` (their untrained initialisation: the cost does not depend on the
-weights): rows named by kind run the batched update (``fused=False``), ``KIND (fused)`` rows the
+weights; ``pretrained:general`` is the shipped optimizer, loaded as users load it): rows named by
+kind run the batched update (``fused=False``), ``KIND (fused)`` rows the
 native one-pass step (hnn_seed, phnn, lstm; CPU; ``load_optimizer``'s default where it
 runs). State memory is the bytes of the distinct storages behind ``optimizer.state``; on CUDA the
 peak memory allocated during a step (above the model and its gradients) is reported too.
@@ -25,11 +26,13 @@ from torch import nn
 import metaopt
 from jobs.benchmarks.common import DEFAULT_OUTPUT_DIR, markdown_table, median, resolve_device, time_calls, write_json
 from metaopt.meta import save_checkpoint
+from metaopt.meta.checkpoint import read_spec
 from metaopt.optimizers import LEARNED, make_optimizer
+from metaopt.tracking.registry import PRETRAINED_PREFIX, resolve_checkpoint
 
 # parameters -> (width, layers) of the Linear stack
 MODELS = {10**4: (100, 1), 10**6: (1000, 1), 10**7: (1000, 10)}
-LEARNED_KINDS = ("phnn", "hnn_seed", "lstm")
+LEARNED_KINDS = ("phnn", "hnn_seed", "lstm", "pretrained:general")
 
 
 def make_model(size: int, device: torch.device) -> nn.Module:
@@ -54,7 +57,10 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def learned_checkpoint(kind: str, directory: Path) -> Path:
-    """A checkpoint folder of ``kind`` at its initialisation, loadable by ``metaopt.load_optimizer``."""
+    """A checkpoint folder of ``kind`` at its initialisation (a ``pretrained:NAME`` as shipped), loadable by
+    ``metaopt.load_optimizer``."""
+    if kind.startswith(PRETRAINED_PREFIX):
+        return resolve_checkpoint(kind)
     optimizer = make_optimizer(kind)
     return save_checkpoint(directory, 0, optimizer, optimizer.init_meta_params(0), name=kind)
 
@@ -112,7 +118,7 @@ def run(
                     builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(
                         checkpoints[kind], params, fused=False
                     )
-                if LEARNED[kind].fused_kernel and device.type == "cpu":
+                if LEARNED[read_spec(checkpoints[kind])["kind"]].fused_kernel and device.type == "cpu":
                     builders[f"{kind} (fused)"] = lambda params, kind=kind: metaopt.load_optimizer(
                         checkpoints[kind], params, fused=True
                     )
