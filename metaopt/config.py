@@ -281,7 +281,11 @@ class TrainConfig(StrictModel):
 
     meta_steps: int = Field(500, ge=1)
     unroll: int = Field(20, ge=1)
-    episode_length: int = Field(100, ge=1)
+    episode_length: Annotated[int, Field(ge=1)] | Choices = Field(
+        100,
+        description="optimizee steps per episode; a list is a truncation schedule: every episode draws one of "
+        "the lengths, and a learned step schedule (optimizer.options.horizon) is stretched over it",
+    )
     batch_size: int = Field(128, ge=1, description="optimizees trained together in each episode")
     meta_lr: float = Field(0.003, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
@@ -322,10 +326,15 @@ class TrainConfig(StrictModel):
             raise ValueError("validation: mixture needs a mixture: set tasks, or validation: task")
         return self
 
+    @property
+    def episode_lengths(self) -> list[int]:
+        """The episode lengths episodes draw from (one without a truncation schedule)."""
+        return [self.episode_length] if isinstance(self.episode_length, int) else self.episode_length
+
     @model_validator(mode="after")
     def _unroll_fits(self) -> TrainConfig:
-        if self.unroll > self.episode_length:
-            raise ValueError(f"unroll ({self.unroll}) must not exceed episode_length ({self.episode_length})")
+        if self.unroll > min(self.episode_lengths):
+            raise ValueError(f"unroll ({self.unroll}) must not exceed episode_length ({min(self.episode_lengths)})")
         return self
 
 
@@ -434,10 +443,10 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _schedule_spans_an_episode(self) -> Config:
         horizon = self.optimizer.options.get("horizon") if self.optimizer else None
-        if horizon is not None and self.train and horizon != self.train.episode_length:
+        if horizon is not None and self.train and horizon not in self.train.episode_lengths:
             raise ValueError(
                 f"optimizer.options.horizon ({horizon}) must equal train.episode_length "
-                f"({self.train.episode_length}): the learned step schedule spans one optimizee run"
+                f"({self.train.episode_length}; one of a list): the learned step schedule spans one optimizee run"
             )
         return self
 

@@ -70,7 +70,7 @@ BAD = [
     (
         "schedule off the episode",
         lambda d: d.update(optimizer={"kind": "phnn", "options": {"horizon": 50}}, train={"episode_length": 100}),
-        r"optimizer\.options\.horizon \(50\) must equal train\.episode_length \(100\)",
+        r"optimizer\.options\.horizon \(50\) must equal train\.episode_length \(100; one of a list\)",
     ),
     (
         "CPUs as a custom resource",

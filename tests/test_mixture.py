@@ -186,3 +186,52 @@ def test_validation_on_the_mixture_scores_relative_final_losses_on_meta_test_tas
     assert 0 < trainer.best_heldout < 1
     with pytest.raises(ConfigError, match="validation: mixture needs a mixture"):
         validate_config({"task": QUADRATICS[0], "train": {"validation": "mixture"}})
+
+
+def test_a_truncation_schedule_draws_each_episodes_length_and_stretches_the_step_schedule_over_it(tmp_path):
+    tasks = [{"task": QUADRATICS[0]}, {"task": QUADRATICS[1]}]
+    optimizer = {"kind": "phnn", "options": {"normalize": True, "horizon": 8}}
+    config = mixture_config(tasks, "pes", episode_length=[4, 8], meta_steps=24, validation="mixture")
+    config = validate_config({**config.model_dump(), "optimizer": optimizer})
+    trainer = MetaTrainer(config, tmp_path / "run")
+    seen = []  # (episode, its length, the step schedule's horizon, the step the truncation ended at)
+
+    def record(step, metrics):
+        estimator = trainer.estimator
+        seen.append((estimator.episode, estimator.episode_length, estimator.optimizer.horizon, estimator.state.step))
+
+    trainer.train(show_progress=False, on_metrics=record)
+    assert {length for _, length, _, _ in seen} == {4, 8}
+    assert all(horizon == length for _, length, horizon, _ in seen)
+    ends = {episode: step for episode, _, _, step in seen}  # each episode's last truncation ends at its length
+    assert all(ends[episode] == length for episode, length, _, _ in seen if episode < seen[-1][0])
+    assert trainer.best_heldout < float("inf")  # validated over runs of the longest length
+
+    straight = trainer.meta_params
+    MetaTrainer(
+        config.model_copy(update={"train": config.train.model_copy(update={"meta_steps": 11})}), tmp_path / "cut"
+    ).train(show_progress=False)
+    resumed = MetaTrainer(config, tmp_path / "cut")
+    resumed.resume(tmp_path / "cut")
+    resumed.train(show_progress=False)
+    for name, value in straight.items():
+        assert torch.equal(value, resumed.meta_params[name]), name
+
+
+def test_a_truncation_schedule_must_fit_the_unroll_and_the_step_schedule():
+    def train(episode_length, horizon):
+        return validate_config(
+            {
+                "task": QUADRATICS[0],
+                "optimizer": {"kind": "phnn", "options": {"horizon": horizon}},
+                "train": {"unroll": 20, "episode_length": episode_length},
+            }
+        )
+
+    assert train([100, 1000], 1000).train.episode_lengths == [100, 1000]
+    with pytest.raises(ConfigError, match=r"horizon \(300\) must equal train\.episode_length \(\[100, 1000\]; one of"):
+        train([100, 1000], 300)
+    with pytest.raises(ConfigError, match=r"unroll \(20\) must not exceed episode_length \(10\)"):
+        train([10, 100], 100)
+    with pytest.raises(ConfigError, match="episode_length"):
+        train([], 100)

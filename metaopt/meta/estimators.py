@@ -12,10 +12,11 @@ meta-gradient for the current meta-parameters:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,9 +52,11 @@ class GradientSource(Protocol):
 class Estimator:
     """Carries optimizee state across truncations; ``estimate`` gives the next meta-gradient.
 
-    ``tasks``: a ``TaskFamily``, or a ``TaskMixture`` that draws each episode's family. ``relative``: the
-    meta-loss divides each optimizee's losses by its loss at the start of its episode, so that families
-    whose losses differ in scale weigh alike in a mixture.
+    ``tasks``: a ``TaskFamily``, or a ``TaskMixture`` that draws each episode's family. ``episode_length``:
+    the optimizee steps of an episode, or a truncation schedule: lengths each episode draws one of (from
+    ``seed`` and the episode), with a learned step schedule stretched over the drawn length. ``relative``:
+    the meta-loss divides each optimizee's losses by its loss at the start of its episode, so that
+    families whose losses differ in scale weigh alike in a mixture.
     """
 
     def __init__(
@@ -62,19 +65,30 @@ class Estimator:
         optimizer: Optimizer,
         seeds: SeedsFn,
         unroll_length: int,
-        episode_length: int,
+        episode_length: int | Sequence[int],
         relative: bool = False,
+        seed: int = 0,
     ):
         self.tasks = tasks
         self.relative = relative
         self.loss_scale: Tensor | None = None  # relative: each optimizee's loss at the start of its episode
-        self.family = tasks.episode_family(0)
-        self.optimizer = optimizer
+        self.base_optimizer = optimizer
         self.seeds = seeds
+        self.seed = seed
         self.unroll_length = unroll_length
-        self.episode_length = episode_length
+        self.episode_lengths = [episode_length] if isinstance(episode_length, int) else list(episode_length)
         self.episode = 0
         self.state: UnrollState | None = None
+        self._begin(0)
+
+    def _begin(self, episode: int) -> None:
+        """Set episode ``episode``'s family, length and optimizer (its step schedule spanning that length)."""
+        self.family = self.tasks.episode_family(episode)
+        lengths = self.episode_lengths
+        self.episode_length = (
+            lengths[0] if len(lengths) == 1 else int(np.random.default_rng([self.seed, episode]).choice(lengths))
+        )
+        self.optimizer = self.base_optimizer.spanning(self.episode_length)
 
     def _state_for_step(self) -> UnrollState:
         """The carried state, or the next episode's fresh optimizees when the last one is over."""
@@ -96,8 +110,8 @@ class Estimator:
         return start_episode(self._sample(), self.optimizer)
 
     def _sample(self) -> Optimizees:
-        """This episode's family (``self.family`` from now on) and its optimizees."""
-        self.family = self.tasks.episode_family(self.episode)
+        """This episode's optimizees (its family, length and optimizer set from now on)."""
+        self._begin(self.episode)
         return self.family.sample(self.seeds(self.episode))
 
     def reset_episode(self) -> None:
@@ -128,7 +142,7 @@ class Estimator:
 
     def load_state_dict(self, saved: dict) -> None:
         self.episode = int(saved["episode"])
-        self.family = self.tasks.episode_family(self.episode)
+        self._begin(self.episode)
         if "step" not in saved:
             self.state = None
             return
@@ -165,14 +179,12 @@ class TruncatedBackprop(Estimator):
 class AntitheticES(Estimator):
     """Antithetic ES over ``pairs`` perturbation pairs of scale ``sigma``; PES when ``persistent``."""
 
-    def __init__(
-        self, *args, pairs: int = 8, sigma: float = 0.01, persistent: bool = False, generator_seed: int = 0, **kwargs
-    ):
+    def __init__(self, *args, pairs: int = 8, sigma: float = 0.01, persistent: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.pairs = pairs
         self.sigma = sigma
         self.persistent = persistent
-        self.generator = torch.Generator().manual_seed(generator_seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.accumulated: dict[str, Tensor] | None = None
 
     def _new_episode(self) -> UnrollState:
@@ -236,7 +248,7 @@ def make_estimator(
     optimizer: Optimizer,
     seeds: SeedsFn,
     unroll_length: int,
-    episode_length: int,
+    episode_length: int | Sequence[int],
     seed: int = 0,
     checkpoint_steps: int = 0,
     relative: bool = False,
@@ -251,9 +263,8 @@ def make_estimator(
         unroll_length=unroll_length,
         episode_length=episode_length,
         relative=relative,
+        seed=seed,
     )
     if config.kind == "tbptt":
         return TruncatedBackprop(**common, second_order=config.second_order, checkpoint_steps=checkpoint_steps)
-    return AntitheticES(
-        **common, pairs=config.pairs, sigma=config.sigma, persistent=config.kind == "pes", generator_seed=seed
-    )
+    return AntitheticES(**common, pairs=config.pairs, sigma=config.sigma, persistent=config.kind == "pes")

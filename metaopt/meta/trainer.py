@@ -158,12 +158,14 @@ class MetaTrainer:
         }
 
     def heldout_loss(self) -> float:
-        """Mean final loss of the current optimizer on the fixed validation optimizees; with ``validation:
-        mixture``, of each optimizee's final loss over its initial one, averaged over the validation tasks."""
+        """Mean final loss of the current optimizer on the fixed validation optimizees, over runs of the longest
+        episode length; with ``validation: mixture``, of each optimizee's final loss over its initial one,
+        averaged over the validation tasks."""
         meta_params = {k: v.detach() for k, v in self.meta_params.items()}
         relative, scores = self.config.train.validation == "mixture", []
+        steps = max(self.config.train.episode_lengths)
         for family, optimizees in self.validation:
-            losses = rollout_losses(family, self.optimizer, meta_params, optimizees, self.config.train.episode_length)
+            losses = rollout_losses(family, self.optimizer.spanning(steps), meta_params, optimizees, steps)
             scores.append(mean_final_loss(losses / losses[:, :1] if relative else losses))
         return sum(scores) / len(scores)
 

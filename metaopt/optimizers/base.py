@@ -112,6 +112,11 @@ class Optimizer(ABC):
             f"horizon={horizon}: optimizer {self.kind!r} has no learned step schedule; leave horizon unset"
         )
 
+    def spanning(self, steps: int) -> Optimizer:
+        """This optimizer for runs of ``steps`` steps: its learned step schedule, if it has one, stretched
+        over them."""
+        return self if self.horizon in (None, steps) else self.with_horizon(steps)
+
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this optimizer (JSON-serialisable)."""
         names = inspect.signature(type(self).__init__).parameters
