@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, field_validator
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from metaopt.api import load_optimizer
@@ -124,7 +124,7 @@ def grid_configurations(grid: BaselineGrid) -> list[Baseline]:
     return [Baseline(kind, lr, schedule) for kind in grid.kinds for lr in grid.lrs for schedule in grid.schedules]
 
 
-def _torch_optimizer(baseline: Baseline, params: list[Tensor], grid: BaselineGrid) -> torch.optim.Optimizer:
+def torch_optimizer(baseline: Baseline, params: list[Tensor], grid: BaselineGrid) -> torch.optim.Optimizer:
     if baseline.kind == "adam":
         return torch.optim.Adam(params, lr=baseline.lr)
     if baseline.kind == "adamw":
@@ -148,7 +148,7 @@ def run_baselines(
     """
     optimizees = task.sample(seeds)
     leaves = [optimizees.params.clone().requires_grad_(True) for _ in baselines]
-    optimizers = [_torch_optimizer(baseline, [leaf], grid) for baseline, leaf in zip(baselines, leaves)]
+    optimizers = [torch_optimizer(baseline, [leaf], grid) for baseline, leaf in zip(baselines, leaves)]
     schedulers = [
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         for baseline, optimizer in zip(baselines, optimizers)
@@ -198,21 +198,38 @@ def resolve_learned(text: str, tracking_uri: str | None = None) -> Learned:
 def run_learned(
     task: ModuleTask, seeds: Sequence[int], learned: Learned, steps: int, progress: tqdm | None = None
 ) -> Tensor:
-    """Training losses ``[runs, steps]`` of ``learned`` stepping each run's own ``nn.Module``, built under
-    ``torch.manual_seed(seed)`` as ``ModuleTask.sample`` draws it, on the same minibatches as the baselines.
-    A run stops at its first non-finite loss, which fills the rest of its curve."""
+    """Training losses ``[runs, steps]`` of ``learned`` (loaded with ``horizon`` = ``steps`` where it has a
+    schedule) on each run's own ``nn.Module``, as ``train_modules`` runs them."""
+    options = {"horizon": steps} if learned.has_schedule else {}
+    return train_modules(task, seeds, steps, lambda params: load_optimizer(learned.folder, params, **options), progress)
+
+
+Probe = Callable[[int, int, list[Tensor], nn.Module], None]  # (run, step, parameters before the step, model)
+
+
+def train_modules(
+    task: ModuleTask,
+    seeds: Sequence[int],
+    steps: int,
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    progress: tqdm | None = None,
+    probe: Probe | None = None,
+) -> Tensor:
+    """Training losses ``[runs, steps]`` of ``make_optimizer(params)`` stepping each run's own ``nn.Module``,
+    built under ``torch.manual_seed(seed)`` as ``ModuleTask.sample`` draws it, on the same minibatches as the
+    baselines. A run stops at its first non-finite loss, which fills the rest of its curve. ``probe`` sees
+    every step's parameters before it and the model after it."""
     spec = task.definition
     seed_tensor = torch.tensor(list(seeds), dtype=torch.int64)
     indices = torch.stack(
         [hash_uniform_indices(seed_tensor, t, task.batch_size, len(task.targets)) for t in range(steps)], 1
     )
     losses = torch.empty(len(seeds), steps, dtype=torch.float64)
-    options = {"horizon": steps} if learned.has_schedule else {}
     for run, seed in enumerate(seeds):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = spec.model()
-        optimizer = load_optimizer(learned.folder, model.parameters(), **options)
+        optimizer = make_optimizer(list(model.parameters()))
         for step in range(steps):
             batch = indices[run, step]
             loss = spec.loss(model(task.inputs[batch]), task.targets[batch])
@@ -224,7 +241,10 @@ def run_learned(
                 break
             optimizer.zero_grad()
             loss.backward()
+            before = [param.detach().clone() for param in model.parameters()] if probe else []
             optimizer.step()
+            if probe:
+                probe(run, step, before, model)
             if progress is not None:
                 progress.update(1)
     return losses

@@ -6,11 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
+from jobs import profile_steps
 from metaopt import cli
 from metaopt.benchmark import (
     Baseline,
@@ -214,3 +216,19 @@ def test_a_missing_suite_or_a_bad_optimizer_source_is_named(tmp_path, capsys):
     args = ["benchmark", str(suite), "--optimizer", f"adam={learned}", "--cache-dir", str(tmp_path), "--no-progress"]
     assert cli.main(args) == 2
     assert "must be unique and differ from the baselines' (adam)" in capsys.readouterr().err
+
+
+def test_the_step_profile_records_each_runs_updates_and_norms_on_the_benchmarks_runs(tmp_path, capsys):
+    suite, output = tiny_suite(tmp_path), tmp_path / "profile.parquet"
+    heavy_ball = checkpoint(tmp_path, "heavy_ball", init_lr=0.01, init_momentum=0.9)
+    args = [str(suite), "wine", "--optimizer", f"heavy_ball={heavy_ball}", "--output", str(output)]
+    profile_steps.main([*args, "--baseline", "sgd_momentum:0.01:constant", "--baseline", "adam:0.1:cosine"])
+    assert "| heavy_ball | 9 |" in capsys.readouterr().out
+    steps = pd.read_parquet(output)
+    assert len(steps) == 3 * 2 * 30 and set(steps.columns) >= {"optimizer", "run", "step", "loss", "update_rms", "norm"}
+    by = {name: rows.sort_values(["run", "step"]).reset_index(drop=True) for name, rows in steps.groupby("optimizer")}
+    for column in ("loss", "update_rms", "norm"):  # untrained phnn is heavy ball: the same runs, step by step
+        np.testing.assert_allclose(by["heavy_ball"][column], by["sgd_momentum lr=0.01 constant"][column], rtol=1e-3)
+    adam = by["adam lr=0.1 cosine"]
+    assert adam[adam.step == 0].update_rms.tolist() == pytest.approx([0.1, 0.1], rel=1e-3)  # lr · sign(g) first
+    assert adam[adam.step == 29].update_rms.max() < 1e-3  # the cosine schedule's last step
