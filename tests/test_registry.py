@@ -196,7 +196,7 @@ def test_a_password_protected_server_takes_runs_and_loads_with_credentials_only(
         server.stop()
 
 
-def test_the_shipped_optimizer_registers_with_one_command_and_loads_from_the_registry(mlflow_server, capsys):
+def test_the_shipped_optimizer_registers_with_one_command_and_loads_from_the_registry(mlflow_server, tmp_path, capsys):
     uri = mlflow_server.uri
     command = ["registry", "--tracking-uri", uri, "register", "pretrained:general", "general", "--alias", "production"]
     assert metaopt_main(command) == 0
@@ -216,3 +216,9 @@ def test_the_shipped_optimizer_registers_with_one_command_and_loads_from_the_reg
     model = nn.Linear(10, 1)
     losses = fit(model, metaopt.load_optimizer("models:/general@production", model.parameters(), tracking_uri=uri))
     assert losses[-1] < losses[0]
+
+    optimizer = make_optimizer("phnn", init_lr=0.003)  # a checkpoint folder registers the same way
+    folder = save_checkpoint(tmp_path, 0, optimizer, optimizer.init_meta_params(0), name="folder")
+    assert metaopt_main(["registry", "--tracking-uri", uri, "register", str(folder), "general"]) == 0
+    assert "registered general version 2" in capsys.readouterr().out
+    assert weights_sha256(resolve_checkpoint("models:/general/2", uri)) == weights_sha256(folder)
