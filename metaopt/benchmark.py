@@ -47,7 +47,7 @@ from metaopt.tracking.registry import resolve_checkpoint
 
 BASELINE_KINDS = ("adam", "adamw", "sgd_momentum")
 FINAL_FRACTION = 0.1  # the final loss averages the training loss over this last fraction of a run's steps
-CACHE_FORMAT = 1  # bump when the cached tables' meaning changes
+CACHE_FORMAT = 2  # bump when the cached tables' meaning changes (2: final losses summed per window)
 
 
 class BaselineGrid(StrictModel):
@@ -256,11 +256,11 @@ def final_window(steps: int) -> int:
 
 
 def smoothed(curve: np.ndarray, window: int) -> np.ndarray:
-    """The trailing mean of ``curve`` over ``window`` steps (over the steps so far at the start)."""
-    sums = np.concatenate([[0.0], np.cumsum(curve, dtype=np.float64)])
-    ends = np.arange(1, len(curve) + 1)
-    starts = np.maximum(ends - window, 0)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+    """The trailing mean of ``curve`` over ``window`` steps (over the steps so far at the start), each window
+    summed on its own: differences of a running sum lose a small loss after a spike of 1e17 to rounding."""
+    values = np.asarray(curve, dtype=np.float64)
+    windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([np.zeros(window - 1), values]), window)
+    return windows.sum(axis=1) / np.minimum(np.arange(1, len(values) + 1), window)
 
 
 def final_loss(losses: Tensor, window: int) -> float:

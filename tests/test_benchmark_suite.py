@@ -162,6 +162,8 @@ def test_final_loss_averages_the_last_tenth_of_the_steps_and_scores_divergence_i
     losses = torch.tensor([[4.0] * 18 + [2.0, 1.0], [4.0] * 18 + [4.0, 3.0]], dtype=torch.float64)
     assert final_loss(losses, window=2) == pytest.approx((1.5 + 3.5) / 2)
     assert smoothed(np.array([1.0, 3.0, 5.0]), 2).tolist() == [1.0, 2.0, 4.0]
+    spike = np.array([1.0, 1e20, 3.0, 0.5, 0.25])  # a run that blew up and came back (momentum SGD at lr 1)
+    assert smoothed(spike, 2)[-2:].tolist() == [1.75, 0.375]
     losses[1, 7] = math.nan
     assert final_loss(losses, window=2) == math.inf
 
