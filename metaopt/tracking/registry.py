@@ -220,16 +220,19 @@ def register_checkpoint(
     """Register ``pretrained:NAME`` or a checkpoint folder as a new version of ``name``: logged as the
     optimizer model of a new run (named after ``source``, its spec's hyperparameters as params) in
     ``experiment``, so a registry holds optimizers that were meta-trained elsewhere."""
-    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
 
     checkpoint = resolve_checkpoint(source)
     spec = read_spec(checkpoint)
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    with _server(mlflow.get_tracking_uri()):
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=str(source)) as run:
-            mlflow.log_params({"kind": spec["kind"], **spec.get("hyperparameters", {})})
+    client = MlflowClient(tracking_uri)  # not mlflow.set_experiment: the caller's active experiment stays
+    with _server(client.tracking_uri):
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=str(source))
+        params = {"kind": spec["kind"], **spec.get("hyperparameters", {})}
+        client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        client.set_terminated(run.info.run_id)
     model_uri = log_optimizer_model(run.info.run_id, checkpoint, tracking_uri=tracking_uri)
     tags = {"metaopt.version": __version__, "source": str(source), DIGEST_TAG: weights_sha256(checkpoint)}
     return register_optimizer(model_uri, name, alias, tags, tracking_uri)
