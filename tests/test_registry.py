@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 
+import mlflow
 import pytest
 import torch
 from conftest import MlflowServer
@@ -206,6 +207,8 @@ def test_the_shipped_optimizer_registers_with_one_command_and_loads_from_the_reg
     shipped = resolve_checkpoint("pretrained:general")
     assert version.tags["source"] == "pretrained:general" and version.tags[DIGEST_TAG] == weights_sha256(shipped)
     assert client.get_run(version.run_id).data.params["kind"] == "phnn"
+    with mlflow.start_run() as run:  # the caller's active experiment is left as it was
+        assert client.get_experiment(run.info.experiment_id).name == "Default"
 
     registered = resolve_checkpoint("models:/general@production", uri)
     assert load_file(registered / WEIGHTS).keys() == load_file(shipped / WEIGHTS).keys()
