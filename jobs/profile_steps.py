@@ -13,10 +13,20 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from pydantic import ValidationError
 
 from jobs.benchmarks.common import markdown_table
 from metaopt.api import load_optimizer
-from metaopt.benchmark import Baseline, load_suite, resolve_learned, torch_optimizer, train_modules
+from metaopt.benchmark import (
+    BASELINE_KINDS,
+    Baseline,
+    BaselineGrid,
+    load_suite,
+    resolve_learned,
+    torch_optimizer,
+    train_modules,
+)
+from metaopt.config import ConfigError
 from metaopt.tasks import make_task, optimizee_seeds
 
 REPORTED_STEPS = (0, 9, 49, 99, 199, 299, 999)
@@ -73,14 +83,24 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     makers = {}
     for source in args.optimizer:
-        learned = resolve_learned(source)
+        try:
+            learned = resolve_learned(source)
+        except ConfigError as error:
+            parser.error(str(error))
         options = {"horizon": entry.steps} if learned.has_schedule else {}
         makers[learned.name] = lambda params, learned=learned, options=options: (
             load_optimizer(learned.folder, params, **options),
             None,
         )
     for text in args.baseline:
-        kind, lr, schedule = text.split(":")
+        kind, lr, schedule = (text.split(":") + ["", "", ""])[:3]
+        try:
+            BaselineGrid(kinds=[kind], lrs=[lr], schedules=[schedule])
+        except ValidationError:
+            parser.error(
+                f"--baseline {text!r}: expected KIND:LR:SCHEDULE with KIND one of {', '.join(BASELINE_KINDS)}, "
+                "LR > 0 and SCHEDULE constant or cosine, e.g. adam:0.3:constant"
+            )
         baseline = Baseline(kind, float(lr), schedule)
 
         def make(params, baseline=baseline):

@@ -57,7 +57,7 @@ class BaselineGrid(StrictModel):
         default_factory=lambda: list(BASELINE_KINDS), min_length=1
     )
     lrs: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], min_length=1
+        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0], min_length=1
     )
     schedules: list[Literal["constant", "cosine"]] = Field(default_factory=lambda: ["constant", "cosine"], min_length=1)
     weight_decay: float = Field(0.01, ge=0, description="adamw's decoupled weight decay")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,17 @@ def test_the_step_profile_records_each_runs_updates_and_norms_on_the_benchmarks_
     adam = by["adam lr=0.1 cosine"]
     assert adam[adam.step == 0].update_rms.tolist() == pytest.approx([0.1, 0.1], rel=1e-3)  # lr · sign(g) first
     assert adam[adam.step == 29].update_rms.max() < 1e-3  # the cosine schedule's last step
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["wine", "--baseline", "adam:0.3"], "--baseline 'adam:0.3': expected KIND:LR:SCHEDULE"),
+        (["wine", "--baseline", "lion:0.3:constant"], "KIND one of adam, adamw, sgd_momentum"),
+        (["iris_logistic"], "'iris_logistic' is not a task of .*: iris, wine"),
+    ],
+)
+def test_the_step_profile_names_a_bad_argument(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        profile_steps.main([str(tiny_suite(tmp_path)), *args])
+    assert re.search(message, capsys.readouterr().err)
