@@ -182,8 +182,8 @@ class Learned:
 
 
 def resolve_learned(text: str, tracking_uri: str | None = None) -> Learned:
-    """``--optimizer``'s ``SOURCE`` or ``NAME=SOURCE`` (a checkpoint folder, ``models:/...``, ``runs:/...``),
-    resolved to a local checkpoint once, so every run loads the same weights."""
+    """``--optimizer``'s ``SOURCE`` or ``NAME=SOURCE`` (``pretrained:NAME``, a checkpoint folder, ``models:/...``,
+    ``runs:/...``), resolved to a local checkpoint once, so every run loads the same weights."""
     name, separator, source = text.partition("=")
     if not separator or ":/" in name or "/" in name:
         name, source = text, text

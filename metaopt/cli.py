@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[NAME=]SOURCE",
-        help="a learned optimizer: checkpoint folder, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/... "
-        "(repeatable; none: only the baselines run, filling the cache)",
+        help="a learned optimizer: pretrained:NAME, checkpoint folder, models:/NAME@ALIAS, models:/NAME/VERSION or "
+        "runs:/RUN_ID/... (repeatable; none: only the baselines run, filling the cache)",
     )
     benchmark.add_argument(
         "--cache-dir",
