@@ -28,7 +28,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from metaopt.evaluate import Candidate, default_output_dir, stretched_to
+    from metaopt.evaluate import Candidate, default_output_dir, stretched_to, with_options
     from metaopt.meta import MetaTrainer, load_checkpoint
     from metaopt.pipeline import compare_track_register, gradient_source
 
@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     learned = config.optimizer.kind
     on_device = lambda params: {k: v.to(trainer.device) for k, v in params.items()}  # noqa: E731
-    optimizer = stretched_to(trainer.optimizer, config.evaluate.steps)
+    optimizer = stretched_to(with_options(trainer.optimizer, config.optimizer.evaluate_options), config.evaluate.steps)
     leading = [
         Candidate(learned, lambda lr: optimizer, meta_params=on_device(best_params)),
         Candidate(

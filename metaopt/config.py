@@ -53,6 +53,11 @@ class MnistMLPTaskConfig(StrictModel):
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"
     hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [20], min_length=1)
     batch_size: int = Field(128, ge=1)
+    init: Literal["normal", "pytorch"] = Field(
+        "normal",
+        description="normal: weights ~ N(0, 0.001²), biases 0; pytorch: torch.nn.Linear's default, "
+        "weights and biases ~ U(±1/√fan_in) (OPT-ML's optimizee)",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
 
 
@@ -195,7 +200,8 @@ def _check_options(kind: str, options: dict[str, Any]) -> None:
 
 class OptimizerConfig(StrictModel):
     """One optimizer to evaluate: a kind with its learning rate (or a sweep of rates) and options,
-    or a trained optimizer's ``checkpoint`` folder."""
+    or a trained optimizer's ``checkpoint`` folder (``options`` then replace its hyperparameters, e.g.
+    ``out_mul``)."""
 
     kind: str | None = None
     checkpoint: str | None = None
@@ -216,8 +222,10 @@ class OptimizerConfig(StrictModel):
         if (self.kind is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of kind (a built-in optimizer) or checkpoint (a trained one's folder)")
         if self.checkpoint is not None:
-            if self.lr is not None or self.lr_sweep is not None or self.options:
-                raise ValueError("a checkpoint carries its own settings: drop lr, lr_sweep and options")
+            if self.lr is not None or self.lr_sweep is not None:
+                raise ValueError(
+                    "a checkpoint carries its own settings: drop lr and lr_sweep (options replace its own)"
+                )
             if self.name is None:
                 self.name = Path(self.checkpoint).name
             return self
@@ -241,6 +249,11 @@ class LearnedOptimizerConfig(StrictModel):
 
     kind: str = "phnn"
     options: dict[str, Any] = Field(default_factory=dict)
+    evaluate_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options that replace these when the trained optimizer is evaluated after meta-training "
+        "(OPT-ML's MNIST LSTM: trained at out_mul 0.1, evaluated at 1.0)",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -252,6 +265,7 @@ class LearnedOptimizerConfig(StrictModel):
     @model_validator(mode="after")
     def _known_options(self) -> LearnedOptimizerConfig:
         _check_options(self.kind, self.options)
+        _check_options(self.kind, self.evaluate_options)
         return self
 
     def build(self):
@@ -302,10 +316,17 @@ class TrainConfig(StrictModel):
         description="meta-train on a mixture: every episode (on every Ray worker) draws one family by weight and "
         "a configuration of it; default: the config's task (which is always the one validated on)",
     )
-    meta_loss: Literal["loss", "relative"] = Field(
+    meta_loss: Literal["loss", "relative", "pre_update"] = Field(
         "loss",
-        description="relative: each optimizee's losses over its loss at the start of its episode, so that "
-        "families whose losses differ in scale weigh alike in a mixture",
+        description="loss: the losses after each step of a truncation; relative: each optimizee's losses over "
+        "its loss at the start of its episode, so that families whose losses differ in scale weigh alike in a "
+        "mixture; pre_update: the losses before each update (OPT-ML's; a truncation's last update counts in no "
+        "meta-gradient)",
+    )
+    partial_truncations: bool = Field(
+        True,
+        description="false: an episode ends at its last full truncation of unroll steps (OPT-ML's 100 steps in "
+        "truncations of 15 meta-train on the first 90)",
     )
     validation: Literal["task", "mixture"] = Field(
         "task",
@@ -313,6 +334,13 @@ class TrainConfig(StrictModel):
         "from the mixture, scored by each optimizee's final loss relative to its initial one",
     )
     eval_tasks: int = Field(8, ge=1, description="validation: mixture: how many tasks are drawn")
+    validation_metric: Literal["final", "mean"] = Field(
+        "final", description="what a validation scores: the final loss, or (OPT-ML's) the mean loss before each update"
+    )
+    validation_draw: Literal["fixed", "fresh"] = Field(
+        "fixed",
+        description="fixed: the same validation optimizees every time; fresh: new ones every validation (OPT-ML's)",
+    )
     seed: int = Field(0, ge=0)
     eval_every: int = Field(50, ge=1)
     eval_runs: int = Field(20, ge=1)
@@ -408,6 +436,11 @@ class EvaluateConfig(StrictModel):
     runs: int = Field(100, ge=1)
     seed: int = Field(0, ge=0)
     sweep_runs: int = Field(20, ge=1, description="meta-train optimizees each swept learning rate is scored on")
+    protocol: Literal["shared", "published"] = Field(
+        "shared",
+        description="shared: every optimizer on the same held-out optimizees, scored after the last step; "
+        "published (OPT-ML's): optimizees drawn anew for each optimizer, scored by the loss before the last update",
+    )
     optimizers: list[OptimizerConfig] = Field(min_length=1)
     output_dir: str = "runs/evaluate"
 

@@ -160,7 +160,16 @@ def test_a_relative_meta_loss_divides_each_optimizees_losses_by_its_initial_loss
     seeds = optimizee_seeds(0, 1, "meta_train")
 
     def estimator(relative):
-        return make_estimator(config.estimator, family, optimizer, lambda e: seeds, 5, 10, seed=3, relative=relative)
+        return make_estimator(
+            config.estimator,
+            family,
+            optimizer,
+            lambda e: seeds,
+            5,
+            10,
+            seed=3,
+            meta_loss="relative" if relative else "loss",
+        )
 
     meta_params = optimizer.init_meta_params(0)
     plain, relative = estimator(False).estimate(meta_params), estimator(True).estimate(meta_params)

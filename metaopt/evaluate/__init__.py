@@ -28,13 +28,22 @@ def stretched_to(optimizer: Optimizer, steps: int) -> Optimizer:
     return optimizer.with_horizon(steps)
 
 
+def with_options(optimizer: Optimizer, options: dict) -> Optimizer:
+    """``optimizer`` with ``options`` replacing its hyperparameters (the same meta-parameters fit it)."""
+    if not options:
+        return optimizer
+    from metaopt.optimizers import make_optimizer
+
+    return make_optimizer(optimizer.kind, **{**optimizer.hyperparameters(), **options})
+
+
 def candidate_for(optimizer: OptimizerConfig, device: torch.device, steps: int) -> Candidate:
     """A harness candidate for a configured built-in optimizer or a trained checkpoint; a learned
     step schedule is stretched over the evaluation's ``steps``."""
     if optimizer.checkpoint is None:
         return Candidate(optimizer.name, optimizer.build, optimizer.lr, optimizer.lr_sweep)
     learned, meta_params, _ = load_checkpoint(optimizer.checkpoint)
-    learned = stretched_to(learned, steps)
+    learned = stretched_to(with_options(learned, optimizer.options), steps)
     return Candidate(optimizer.name, lambda lr: learned, meta_params={k: v.to(device) for k, v in meta_params.items()})
 
 
@@ -61,10 +70,16 @@ def run_evaluation(
         seed=evaluation.seed,
         sweep_runs=evaluation.sweep_runs,
         show_progress=show_progress,
+        protocol=evaluation.protocol,
     )
     from metaopt.evaluate.report import write_report  # pandas and matplotlib: not on Ray workers' import path
 
-    title = title or f"{config.task.kind}: loss after {evaluation.steps} steps over {evaluation.runs} held-out runs"
+    scored = (
+        f"loss before update {evaluation.steps}"
+        if evaluation.protocol == "published"
+        else (f"loss after {evaluation.steps} steps")
+    )
+    title = title or f"{config.task.kind}: {scored} over {evaluation.runs} held-out runs"
     table = write_report(results, output_dir, title)
     return results, table
 
@@ -78,4 +93,5 @@ __all__ = [
     "rollout_losses",
     "run_evaluation",
     "stretched_to",
+    "with_options",
 ]

@@ -1,9 +1,10 @@
-"""Run optimizers side by side on the same held-out optimizees, with optional learning-rate sweeps."""
+"""Run optimizers side by side on held-out optimizees, with optional learning-rate sweeps."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -11,6 +12,9 @@ from tqdm.auto import tqdm
 from metaopt.meta.unroll import mean_final_loss, rollout_losses
 from metaopt.optimizers import MetaParams, Optimizer
 from metaopt.tasks import TaskFamily, optimizee_seeds
+
+Protocol = Literal["shared", "published"]
+PUBLISHED_STREAM = 2**33  # protocol published: candidate i's held-out optimizees come from stream 2**33 + i
 
 
 @dataclass
@@ -47,18 +51,28 @@ def compare(
     tuning_family: TaskFamily | None = None,
     sweep_runs: int = 20,
     show_progress: bool = True,
+    protocol: Protocol = "shared",
 ) -> list[Result]:
-    """Run every candidate on the same ``runs`` held-out optimizees for ``steps`` steps.
+    """Run every candidate on ``runs`` held-out optimizees for ``steps`` steps.
 
-    Candidates with an ``lr_sweep`` first try each rate on ``sweep_runs`` meta-train optimizees
-    of ``tuning_family`` and keep the one with the lowest mean final loss.
+    ``protocol``: ``shared`` runs every candidate on the same optimizees and scores the loss after the
+    last step; ``published`` is OPT-ML's: every candidate gets optimizees of its own, and the score is
+    the loss before the last update (runs of ``steps - 1`` updates). Candidates with an ``lr_sweep``
+    first try each rate on ``sweep_runs`` meta-train optimizees of ``tuning_family`` and keep the one
+    with the lowest mean final loss.
     """
+    if protocol == "published":
+        steps -= 1
     heldout = heldout_family.sample(optimizee_seeds(seed, runs, "meta_test"))
     tuning = None
     total = sum(steps * (1 + len(c.lr_sweep or ())) for c in candidates)
     results = []
     with tqdm(total=total, desc="evaluate", unit="step", disable=not show_progress) as progress:
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates):
+            if protocol == "published":
+                heldout = heldout_family.sample(
+                    optimizee_seeds(seed, runs, "meta_test", stream=PUBLISHED_STREAM + index)
+                )
             lr, scores = candidate.lr, {}
             if candidate.lr_sweep:
                 if tuning_family is None:

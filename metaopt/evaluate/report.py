@@ -51,6 +51,9 @@ def summary_frame(results: Sequence[Result]) -> pd.DataFrame:
                 "steps": result.losses.shape[1] - 1,
                 "final_loss_mean": mean,
                 "final_loss_std": float(final[finite].std()) if finite.sum() > 1 else math.nan,
+                "final_loss_sem": float(final[finite].std()) / math.sqrt(final.numel())
+                if finite.sum() > 1
+                else math.nan,
                 "final_loss_median": float(final[finite].median()) if finite.any() else math.nan,
                 "log10_mean_final_loss": math.log10(mean) if 0 < mean < math.inf else math.nan,
                 "diverged_runs": int((~finite).sum()),
@@ -60,18 +63,19 @@ def summary_frame(results: Sequence[Result]) -> pd.DataFrame:
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """Final loss mean ± std and log10 of the mean, one row per optimizer."""
+    """Final loss mean ± std, its standard error and log10 of the mean, one row per optimizer."""
     lines = [
-        "| optimizer | lr | final loss (mean ± std) | log10 mean final loss | diverged runs |",
-        "|---|---|---|---|---|",
+        "| optimizer | lr | final loss (mean ± std) | standard error | log10 mean final loss | diverged runs |",
+        "|---|---|---|---|---|---|",
     ]
     for row in summary.itertuples():
         lr = "—" if math.isnan(row.lr) else f"{row.lr:g}"
         if row.diverged_runs:
-            loss, log10 = "diverged", "—"
+            loss, sem, log10 = "diverged", "—", "—"
         else:
             loss, log10 = f"{row.final_loss_mean:.4f} ± {row.final_loss_std:.4f}", f"{row.log10_mean_final_loss:.3f}"
-        lines.append(f"| {row.optimizer} | {lr} | {loss} | {log10} | {row.diverged_runs}/{row.runs} |")
+            sem = f"{row.final_loss_sem:.4f}"
+        lines.append(f"| {row.optimizer} | {lr} | {loss} | {sem} | {log10} | {row.diverged_runs}/{row.runs} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from metaopt.optimizers import MetaParams, Optimizer
 from metaopt.tasks import Optimizees, TaskFamily, TaskMixture
 
 SeedsFn = Callable[[int], list[int]]  # episode index -> optimizee seeds
+MetaLoss = Literal["loss", "relative", "pre_update"]
 
 
 @dataclass
@@ -54,9 +55,12 @@ class Estimator:
 
     ``tasks``: a ``TaskFamily``, or a ``TaskMixture`` that draws each episode's family. ``episode_length``:
     the optimizee steps of an episode, or a truncation schedule: lengths each episode draws one of (from
-    ``seed`` and the episode), with a learned step schedule stretched over the drawn length. ``relative``:
-    the meta-loss divides each optimizee's losses by its loss at the start of its episode, so that
-    families whose losses differ in scale weigh alike in a mixture.
+    ``seed`` and the episode), with a learned step schedule stretched over the drawn length. ``meta_loss``:
+    ``loss``, the losses after each step of a truncation; ``relative``, each optimizee's losses over its
+    loss at the start of its episode, so that families whose losses differ in scale weigh alike in a
+    mixture; ``pre_update``, the losses before each update (OPT-ML's: the loss after a truncation's last
+    update counts in no meta-gradient). ``partial_truncations=False`` ends an episode at its last full
+    truncation (OPT-ML's 100 steps in truncations of 15 meta-train on the first 90).
     """
 
     def __init__(
@@ -66,11 +70,13 @@ class Estimator:
         seeds: SeedsFn,
         unroll_length: int,
         episode_length: int | Sequence[int],
-        relative: bool = False,
+        meta_loss: MetaLoss = "loss",
         seed: int = 0,
+        partial_truncations: bool = True,
     ):
         self.tasks = tasks
-        self.relative = relative
+        self.meta_loss = meta_loss
+        self.partial_truncations = partial_truncations
         self.loss_scale: Tensor | None = None  # relative: each optimizee's loss at the start of its episode
         self.base_optimizer = optimizer
         self.seeds = seeds
@@ -92,19 +98,23 @@ class Estimator:
 
     def _state_for_step(self) -> UnrollState:
         """The carried state, or the next episode's fresh optimizees when the last one is over."""
-        if self.state is not None and self.state.step >= self.episode_length:
+        last_start = self.episode_length - (1 if self.partial_truncations else self.unroll_length)
+        if self.state is not None and self.state.step > last_start:
             self.reset_episode()
         if self.state is None:
             self.state = self._new_episode()
-            if self.relative:
+            if self.meta_loss == "relative":
                 start = self.state.optimizees
                 with torch.no_grad():
                     self.loss_scale = self.family.batched_loss(start.params, start, 0).clamp(min=1e-12)
         return self.state
 
     def _meta_losses(self, losses: Tensor) -> Tensor:
-        """The truncation's losses ``[length, B]`` as the meta-loss counts them (relative or as they are)."""
-        return losses / self.loss_scale if self.relative else losses
+        """The truncation's losses after each step ``[length, B]`` as the meta-loss counts them: as they
+        are, relative, or (pre_update) the ``length - 1`` that precede an update of this truncation."""
+        if self.meta_loss == "relative":
+            return losses / self.loss_scale
+        return losses[:-1] if self.meta_loss == "pre_update" else losses
 
     def _new_episode(self) -> UnrollState:
         return start_episode(self._sample(), self.optimizer)
@@ -131,7 +141,7 @@ class Estimator:
             return {"episode": self.episode}
         s = self.state
         return {
-            **({"loss_scale": self.loss_scale} if self.relative else {}),
+            **({"loss_scale": self.loss_scale} if self.meta_loss == "relative" else {}),
             "episode": self.episode,
             "step": s.step,
             "seeds": s.optimizees.seeds,
@@ -166,12 +176,13 @@ class TruncatedBackprop(Estimator):
         losses, new_state = unroll(
             self.family, self.optimizer.update, leaves, state, length, self.second_order, self.checkpoint_steps
         )
-        meta_loss = self._meta_losses(losses).mean(dim=1).sum()
+        counted = self._meta_losses(losses)
+        meta_loss = counted.mean(dim=1).sum()
         grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
         self.state = new_state.detached()
         return Estimate(
             {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)},
-            float(meta_loss.detach()) / length,
+            float(meta_loss.detach()) / max(len(counted), 1),
             length * len(state.optimizees),
         )
 
@@ -224,9 +235,10 @@ class AntitheticES(Estimator):
         with torch.no_grad():
             losses, new_state = unroll(self.family, update, perturbed, state, length)
         self.state = new_state.detached()
-        particle_loss = self._meta_losses(losses).reshape(length, particles, per_particle).mean(dim=(0, 2))  # [2·pairs]
+        counted = self._meta_losses(losses)
+        particle_loss = counted.reshape(len(counted), particles, per_particle).mean(dim=(0, 2))  # [2·pairs]
         difference = particle_loss[: self.pairs] - particle_loss[self.pairs :]  # [pairs]
-        scale = length / (2 * self.sigma**2 * self.pairs)
+        scale = len(counted) / (2 * self.sigma**2 * self.pairs)
         grads = {k: scale * torch.einsum("p,p...->...", difference, direction[k]) for k in meta_params}
         return Estimate(grads, float(particle_loss.mean()), length * len(state.optimizees))
 
@@ -251,19 +263,21 @@ def make_estimator(
     episode_length: int | Sequence[int],
     seed: int = 0,
     checkpoint_steps: int = 0,
-    relative: bool = False,
+    meta_loss: MetaLoss = "loss",
+    partial_truncations: bool = True,
 ) -> Estimator:
     """The estimator an ``EstimatorConfig`` describes; ``checkpoint_steps`` > 0 turns on activation
-    checkpointing of truncated backprop's unroll in chunks of that many steps; ``relative``: a meta-loss
-    relative to each optimizee's loss at the start of its episode."""
+    checkpointing of truncated backprop's unroll in chunks of that many steps; ``meta_loss`` and
+    ``partial_truncations`` as ``Estimator`` takes them."""
     common = dict(
         tasks=tasks,
         optimizer=optimizer,
         seeds=seeds,
         unroll_length=unroll_length,
         episode_length=episode_length,
-        relative=relative,
+        meta_loss=meta_loss,
         seed=seed,
+        partial_truncations=partial_truncations,
     )
     if config.kind == "tbptt":
         return TruncatedBackprop(**common, second_order=config.second_order, checkpoint_steps=checkpoint_steps)

@@ -24,7 +24,7 @@ from metaopt.meta.checkpoint import (
     save_checkpoint,
 )
 from metaopt.meta.estimators import Estimator, GradientSource, make_estimator
-from metaopt.meta.unroll import mean_final_loss, rollout_losses
+from metaopt.meta.unroll import mean_final_loss, mean_loss, rollout_losses
 from metaopt.optimizers import MetaParams, Optimizer
 from metaopt.tasks import TaskFamily, TaskMixture, make_task, optimizee_seeds, task_data
 
@@ -34,6 +34,7 @@ BEST = "best"  # the checkpoint with the lowest validation loss so far
 
 
 VALIDATION_STREAM = 2**31 - 1  # the mixture stream validation tasks are drawn from; workers use 0, 1, ...
+FRESH_VALIDATION_STREAM = 2**32  # validation_draw: fresh draws meta-step k's optimizees from stream 2**32 + k
 
 
 def training_tasks(config: Config, device: torch.device, data=None, worker: int = 0) -> TaskFamily | TaskMixture:
@@ -90,7 +91,8 @@ def share_estimator(
         episode_length=train.episode_length,
         seed=train.seed + 7919 * worker,
         checkpoint_steps=train.unroll_checkpoint_steps,
-        relative=train.meta_loss == "relative",
+        meta_loss=train.meta_loss,
+        partial_truncations=train.partial_truncations,
     )
 
 
@@ -158,15 +160,24 @@ class MetaTrainer:
         }
 
     def heldout_loss(self) -> float:
-        """Mean final loss of the current optimizer on the fixed validation optimizees, over runs of the longest
+        """Mean final loss of the current optimizer on the validation optimizees, over runs of the longest
         episode length; with ``validation: mixture``, of each optimizee's final loss over its initial one,
-        averaged over the validation tasks."""
+        averaged over the validation tasks. ``validation_metric: mean`` scores the mean loss before each
+        update instead, and ``validation_draw: fresh`` draws new optimizees for every validation (OPT-ML's)."""
+        train = self.config.train
         meta_params = {k: v.detach() for k, v in self.meta_params.items()}
-        relative, scores = self.config.train.validation == "mixture", []
-        steps = max(self.config.train.episode_lengths)
-        for family, optimizees in self.validation:
+        relative, scores = train.validation == "mixture", []
+        steps = max(train.episode_lengths)
+        validation = self.validation
+        if train.validation_draw == "fresh":
+            seeds = optimizee_seeds(
+                train.seed, train.eval_runs, "meta_test", stream=FRESH_VALIDATION_STREAM + self.meta_step
+            )
+            validation = [(family, family.sample(seeds)) for family, _ in validation]
+        for family, optimizees in validation:
             losses = rollout_losses(family, self.optimizer.spanning(steps), meta_params, optimizees, steps)
-            scores.append(mean_final_loss(losses / losses[:, :1] if relative else losses))
+            losses = losses / losses[:, :1] if relative else losses
+            scores.append(mean_final_loss(losses) if train.validation_metric == "final" else mean_loss(losses[:, :-1]))
         return sum(scores) / len(scores)
 
     @property

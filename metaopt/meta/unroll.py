@@ -201,5 +201,9 @@ def rollout_losses(
 
 def mean_final_loss(losses: Tensor) -> float:
     """Mean loss at the last step; a run that diverged (non-finite) makes it infinite."""
-    final = losses[:, -1]
-    return float(final.mean()) if torch.isfinite(final).all() else math.inf
+    return mean_loss(losses[:, -1])
+
+
+def mean_loss(losses: Tensor) -> float:
+    """Mean of ``losses``; infinite where any is not finite (a run that diverged)."""
+    return float(losses.mean()) if torch.isfinite(losses).all() else math.inf

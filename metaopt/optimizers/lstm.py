@@ -4,6 +4,7 @@ by gradient descent"."""
 from __future__ import annotations
 
 import ctypes
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,16 +36,17 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tens
 class _StackedLSTM(nn.Module):
     """Stacked ``LSTMCell`` layers and a linear read-out, one time step for a batch of coordinates."""
 
-    def __init__(self, input_size: int, hidden: int, layers: int):
+    def __init__(self, input_size: int, hidden: int, layers: int, zero_head: bool):
         super().__init__()
         sizes = [input_size] + [hidden] * (layers - 1)
         self.cells = nn.ModuleList(nn.LSTMCell(size, hidden) for size in sizes)
         self.head = nn.Linear(hidden, 1)
-        # A zero read-out: the untrained optimizer leaves the optimizee where it is. torch's default
-        # (random weights and bias) adds the same drift to every coordinate, which on sigmoid MNIST
-        # kept the meta-loss at ln 10 for 50 meta-steps; from zero it fell to 1.9 in 20.
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if zero_head:
+            # A zero read-out: the untrained optimizer leaves the optimizee where it is. torch's default
+            # (random weights and bias) adds the same drift to every coordinate, which on sigmoid MNIST
+            # kept the meta-loss at ln 10 for 50 meta-steps; from zero it fell to 1.9 in 20.
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, inputs: Tensor, hc: Tensor) -> tuple[Tensor, Tensor]:
         """``inputs`` [rows, features], ``hc`` [rows, layers, 2, hidden] (h, c) -> (output [rows], next hc)."""
@@ -60,7 +62,9 @@ class CoordinatewiseLSTM(NetworkOptimizer):
     """Two stacked LSTM layers shared by every coordinate; the update is ``out_mul`` times its output.
 
     Input per coordinate: log/sign-preprocessed gradient (2 features) or the raw gradient (1).
-    The linear read-out starts at zero, so untrained it makes no update. State: ``hc``, h and c of
+    The linear read-out starts at zero, so untrained it makes no update; ``init="published"`` keeps
+    PyTorch's random init there, as the original (its layers are built in the same order, so under the
+    same ``torch.manual_seed`` every weight equals the original's). State: ``hc``, h and c of
     each layer, ``[..., layers, 2, hidden]``. ``fused_step`` runs the no-grad step in one native pass
     (``csrc/lstm_step.c``), and first-order meta-training runs through it and a hand-written backward
     (hidden <= 64, layers <= 4).
@@ -78,7 +82,11 @@ class CoordinatewiseLSTM(NetworkOptimizer):
         preprocess: bool = True,
         preprocess_p: float = 10.0,
         out_mul: float = 0.1,
+        init: Literal["metaopt", "published"] = "metaopt",
     ):
+        if init not in ("metaopt", "published"):
+            raise ValueError(f"init must be 'metaopt' or 'published', got {init!r}")
+        self.init = init
         self.hidden = hidden
         self.layers = layers
         self.preprocess = preprocess
@@ -92,7 +100,7 @@ class CoordinatewiseLSTM(NetworkOptimizer):
         return 2 if self.preprocess else 1
 
     def build_network(self) -> nn.Module:
-        return _StackedLSTM(self.input_size, self.hidden, self.layers)
+        return _StackedLSTM(self.input_size, self.hidden, self.layers, zero_head=self.init == "metaopt")
 
     def init_state(self, params: Tensor) -> OptState:
         return {"hc": params.new_zeros(params.shape + (self.layers, 2, self.hidden))}

@@ -33,6 +33,7 @@ def make_task(config, half: Split, device: torch.device | str = "cpu", data=None
             activation=config.activation,
             hidden_sizes=config.hidden_sizes,
             batch_size=config.batch_size,
+            init=config.init,
             root=config.data.root,
             split=config.data.split,
             download=config.data.download,

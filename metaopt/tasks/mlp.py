@@ -15,7 +15,7 @@ from metaopt.tasks.data import DataSplit, mnist_half
 Activation = Literal["sigmoid", "relu", "tanh"]
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 INPUT_SIZE, NUM_CLASSES = 28 * 28, 10
-INIT_SCALE = 0.001  # weights ~ N(0, 0.001²), biases 0: the original optimizee's initialisation
+INIT_SCALE = 0.001  # init "normal": weights ~ N(0, 0.001²), biases 0
 
 
 class MnistMLP(TaskFamily):
@@ -23,7 +23,9 @@ class MnistMLP(TaskFamily):
 
     ``half`` picks the meta-train or meta-test half of the data: optimizers are meta-trained on
     the one and judged on the other. ``data`` passes that half as (pixels [N, 784], labels [N])
-    already loaded (Ray workers get it from the object store) instead of reading ``root``.
+    already loaded (Ray workers get it from the object store) instead of reading ``root``. ``init``:
+    weights ~ N(0, 0.001²) and zero biases (``normal``), or ``torch.nn.Linear``'s default (``pytorch``,
+    as OPT-ML's optimizee): weights and biases ~ U(±1/√fan_in).
     """
 
     name = "mnist_mlp"
@@ -33,6 +35,7 @@ class MnistMLP(TaskFamily):
         activation: Activation = "sigmoid",
         hidden_sizes: Sequence[int] = (20,),
         batch_size: int = 128,
+        init: Literal["normal", "pytorch"] = "normal",
         root: str = "data",
         split: DataSplit = "train",
         download: bool = True,
@@ -44,6 +47,7 @@ class MnistMLP(TaskFamily):
         self.activation = activation
         self.hidden_sizes = list(hidden_sizes)
         self.batch_size = batch_size
+        self.init = init
         self.split = split
         self.half = half
         sizes = [INPUT_SIZE, *self.hidden_sizes, NUM_CLASSES]
@@ -58,8 +62,11 @@ class MnistMLP(TaskFamily):
             generator = seeded_generator(seed)
             chunks = []
             for fan_in, fan_out in self.layer_shapes:
-                chunks.append(torch.randn(fan_in * fan_out, generator=generator) * INIT_SCALE)
-                chunks.append(torch.zeros(fan_out))
+                if self.init == "normal":
+                    chunks += [torch.randn(fan_in * fan_out, generator=generator) * INIT_SCALE, torch.zeros(fan_out)]
+                else:
+                    bound = fan_in**-0.5
+                    chunks.append((torch.rand(fan_in * fan_out + fan_out, generator=generator) * 2 - 1) * bound)
             params.append(torch.cat(chunks))
         return Optimizees(
             seeds=torch.tensor(list(seeds), dtype=torch.int64, device=self.device),
@@ -93,6 +100,7 @@ class MnistMLP(TaskFamily):
             "activation": self.activation,
             "hidden_sizes": self.hidden_sizes,
             "batch_size": self.batch_size,
+            "init": self.init,
             "split": self.split,
             "half": self.half,
         }
