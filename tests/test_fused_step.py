@@ -376,7 +376,7 @@ def kernel_calls(monkeypatch):
         real(*args, **kwargs)
         calls.append(args[0])
 
-    monkeypatch.setattr("metaopt.optimizers.base.run_fused", counting)
+    monkeypatch.setattr("metaopt.optimizers.ops.run_fused", counting)
     return calls
 
 
@@ -453,3 +453,69 @@ def test_particles_of_options_the_kernel_refuses_are_vmapped(kernel_calls):
         want = torch.func.vmap(optimizer.update, in_dims=(0, 0, 0, None))(stacked, grads, state, 2)
     assert kernel_calls == []
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+OPS_CONFIGS = [("hnn_seed", {}), ("lstm", {}), ("phnn", {"normalize": True}), ("phnn", {"horizon": 50})]
+
+
+@pytest.mark.parametrize(("kind", "options"), OPS_CONFIGS)
+def test_the_kernel_ops_pass_opcheck(kind, options):
+    """Schemas, fake implementations, the registered autograd and AOT tracing of metaopt::K, K_ and
+    K_backward, on the shipped kernels (torch.library.opcheck)."""
+    optimizer, meta_params = trained_like(options, kind=kind)
+    meta_params = {k: v.requires_grad_(True) for k, v in meta_params.items()}
+    generator = torch.Generator().manual_seed(0)
+    (grad,) = gradients([300])
+    state = initial_state(optimizer, 300, generator)
+    weights, scalars, settings = optimizer._fused_inputs(meta_params, 3, 1.0)
+    weights, scalars = weights.detach().requires_grad_(True), scalars.detach().requires_grad_(True)
+    states = [state[key].requires_grad_(i == 0) for i, key in enumerate(state)]
+    ops = optimizer.fused_kernel
+    torch.library.opcheck(ops.step, (grad, states, weights, scalars), settings)
+    updates, _ = ops.step(grad, states, weights, scalars, **settings)
+    backward_args = (
+        grad,
+        [s.detach() for s in states],
+        weights.detach(),
+        scalars.detach(),
+        torch.randn(300),  # dL/dupdate
+        torch.randn_like(states[0]),  # dL/d(next first state)
+    )
+    torch.library.opcheck(ops.backward, backward_args, settings)
+    params = [torch.randn(100), torch.randn(200)]
+    torch.library.opcheck(
+        ops.step_,
+        (
+            params,
+            list(grad.split([100, 200])),
+            [s.detach().clone() for s in states],
+            weights.detach(),
+            scalars.detach(),
+        ),
+        settings,
+    )
+    # The in-place op adds exactly the functional op's update (here to parameters of zero).
+    params = [torch.zeros(100), torch.zeros(200)]
+    ops.step_(
+        params,
+        list(grad.split([100, 200])),
+        [s.detach().clone() for s in states],
+        weights.detach(),
+        scalars.detach(),
+        **settings,
+    )
+    torch.testing.assert_close(torch.cat(params), updates.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("kind", "options"), OPS_CONFIGS)
+def test_torch_compile_traces_the_fused_update_without_a_graph_break(kind, options):
+    optimizer, meta_params = trained_like(options, kind=kind)
+    (grad,) = gradients([256])
+    state = initial_state(optimizer, 256, torch.Generator().manual_seed(2))
+
+    def step(grad, state):
+        return optimizer.update_no_grad(meta_params, grad, state, 3)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(grad, state), step(grad, state)):
+        torch.testing.assert_close(got, want)

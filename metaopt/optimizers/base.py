@@ -12,7 +12,6 @@ same way, so one small network serves models of any size::
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import warnings
 from abc import ABC, abstractmethod
@@ -21,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable, library, run_fused, run_fused_backward
+from metaopt.optimizers.native import FusedUnsupported, NativeUnavailable, library
+from metaopt.optimizers.ops import KernelOps
 
 OptState = dict[str, Tensor]
 MetaParams = dict[str, Tensor]
@@ -32,7 +32,7 @@ class Optimizer(ABC):
 
     kind: ClassVar[str]
     learned: ClassVar[bool] = False
-    fused_kernel: ClassVar[str | None] = None  # csrc/{fused_kernel}.c, for optimizers with a native step
+    fused_kernel: ClassVar[KernelOps | None] = None  # the metaopt:: ops of csrc/{kernel}.c, for a native step
     horizon: int | None = None  # the steps of a run a learned step schedule spans; None without one
 
     def init_meta_params(self, seed: int = 0) -> MetaParams:
@@ -51,28 +51,23 @@ class Optimizer(ABC):
         self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float
     ) -> None:
         """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
-        overwritten, in one pass of the native kernel ``fused_kernel``. Raises ``FusedUnsupported``
-        for inputs or options it does not take and ``NativeUnavailable`` where it cannot be built."""
+        overwritten, in one pass of the native kernel (the op ``metaopt::{kernel}_``). Raises
+        ``FusedUnsupported`` for inputs or options it does not take and ``NativeUnavailable`` where it
+        cannot be built."""
         refused = self._fused_unsupported()
         if refused:
             raise FusedUnsupported(refused)
-        weights, options = self._fused_inputs(meta_params, step, lr)
-        run_fused(
-            self.fused_kernel,
-            params,
-            grads,
-            [state[key] for key in self.init_state(torch.zeros(0))],
-            weights,
-            options,
-        )
+        weights, scalars, settings = self._fused_inputs(meta_params, step, lr)
+        states = [state[key] for key in self.init_state(torch.zeros(0))]
+        self.fused_kernel.step_(params, grads, states, weights, scalars, **settings)
 
     def _fused_unsupported(self) -> str | None:
         """Why ``fused_kernel`` does not take this optimizer's options, or None where it does."""
         return None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, ctypes.Structure]:
-        """The kernel's packed weights and its ``Options`` (a ctypes struct of named settings, the C
-        kernel's own), for options it takes."""
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The kernel ops' inputs for options it takes: the packed weights and ``scalars`` (both
+        differentiable functions of ``meta_params``) and the keyword settings."""
         raise NotImplementedError(f"optimizer {self.kind!r} has no fused step")
 
     def update_no_grad(
@@ -81,12 +76,19 @@ class Optimizer(ABC):
         """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
         takes the tensors (float32 CPU, the options it covers), else ``update``."""
         if fused_refusal(self, [grads, *state.values()]) is None:
-            keys = list(state)
-            updates, new_states = _run_fused_update(
-                self.fused_kernel, self._fused_inputs(meta_params, step, 1.0), grads, [state[key] for key in keys]
-            )
-            return updates, dict(zip(keys, new_states))
+            return self._fused_update(meta_params, grads, state, step)
         return self.update(meta_params, grads, state, step)
+
+    def _fused_update(
+        self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
+    ) -> tuple[Tensor, OptState]:
+        """One pass of the op ``metaopt::{kernel}`` into new tensors: the update and the next state."""
+        weights, scalars, settings = self._fused_inputs(meta_params, step, 1.0)
+        keys = list(state)
+        updates, new_states = self.fused_kernel.step(
+            grads.contiguous(), [state[key] for key in keys], weights, scalars, **settings
+        )
+        return updates, dict(zip(keys, new_states))
 
     def update_particles(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
@@ -162,32 +164,16 @@ class NetworkOptimizer(Optimizer):
         """Run the network with ``meta_params`` in place of its own parameters."""
         return torch.func.functional_call(self.network, meta_params, inputs, kwargs)
 
-    # Fused meta-training: subclasses with a native kernel (``csrc/{fused_kernel}.c`` and its
-    # ``_backward``) implement ``_fused_inputs`` and the three methods below.
-    fused_extra_grads: ClassVar[int] = 0  # gradients the backward kernel returns after the weights'
-
-    def _packed_names(self) -> list[str]:
-        """The meta-parameters in the kernel's weights, in its order."""
-        return []
-
     def _fused_meta_supported(self) -> bool:
         """Whether the backward kernel takes this optimizer's options."""
         return False
 
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: ctypes.Structure) -> MetaParams:
-        """dL/d(meta-parameter) from the backward kernel's sums (float64, the weights' layout)."""
-        grads, offset = {}, 0
-        for name in self._packed_names():
-            shape = meta_params[name].shape
-            grads[name] = sums[offset : offset + shape.numel()].float().reshape(shape)
-            offset += shape.numel()
-        return grads
-
     def _fused_meta_update(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState] | None:
-        """The update as one autograd node over the native kernels, for first-order meta-training on
-        float32 CPU tensors; None where they do not apply (the batched update then runs)."""
+        """The update as the kernel's op, whose registered autograd is the hand-written backward kernel, for
+        first-order meta-training on float32 CPU tensors; None where it does not apply (the batched update
+        then runs)."""
         if not (
             self._fused_meta_supported()
             and torch.is_grad_enabled()
@@ -196,74 +182,7 @@ class NetworkOptimizer(Optimizer):
             and fused_refusal(self, [grads, *state.values(), *meta_params.values()]) is None
         ):
             return None
-        fused_inputs = self._fused_inputs(meta_params, step, 1.0)
-        keys = list(state)
-        updates, *new_state = _FusedMetaStep.apply(
-            self,
-            fused_inputs,
-            list(meta_params),
-            keys,
-            grads.contiguous(),
-            *(state[k].contiguous() for k in keys),
-            *meta_params.values(),
-        )
-        return updates, dict(zip(keys, new_state))
-
-
-class _FusedMetaStep(torch.autograd.Function):
-    """A learned optimizer's update as one autograd node: the fused forward kernel, and a hand-written
-    backward kernel that recomputes the step per coordinate and returns dL/d(first state, p) and
-    dL/d(every meta-parameter). First order: the gradient is a constant; the other states (phnn's
-    running mean v) carry no gradient."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        optimizer: NetworkOptimizer,
-        fused_inputs: tuple[Tensor, ctypes.Structure],
-        names: list[str],
-        keys: list[str],
-        grads: Tensor,
-        *tensors: Tensor,
-    ):
-        states, values = tensors[: len(keys)], tensors[len(keys) :]
-        updates, new_states = _run_fused_update(optimizer.fused_kernel, fused_inputs, grads, states)
-        ctx.save_for_backward(grads, *states, *values)
-        ctx.fused = (optimizer, names, len(keys), *fused_inputs)
-        ctx.mark_non_differentiable(*new_states[1:])
-        return (updates, *new_states)
-
-    @staticmethod
-    def backward(ctx, grad_updates: Tensor | None, grad_p_next: Tensor | None, *_):
-        optimizer, names, count, weights, options = ctx.fused
-        grads, *saved = ctx.saved_tensors
-        states, values = saved[:count], saved[count:]
-        p, others = states[0].detach(), [s.detach() for s in states[1:]]
-        upstream = [
-            g.contiguous() if g is not None else torch.zeros_like(like)
-            for g, like in ((grad_updates, grads), (grad_p_next, p))
-        ]
-        grad_p, sums = run_fused_backward(
-            optimizer.fused_kernel,
-            grads,
-            [p, *upstream, *(others or [p])],
-            weights,
-            options,
-            optimizer.fused_extra_grads,
-        )
-        meta_grads = optimizer._fused_meta_grads(sums, dict(zip(names, values)), options)
-        return (None, None, None, None, None, grad_p, *[None] * (count - 1), *(meta_grads.get(n) for n in names))
-
-
-def _run_fused_update(
-    kernel: str, fused_inputs: tuple[Tensor, ctypes.Structure], grads: Tensor, states: list[Tensor]
-) -> tuple[Tensor, list[Tensor]]:
-    """One pass of ``kernel`` into new tensors: the update (parameters of zero, lr 1) and the next states,
-    in the kernel's state order."""
-    weights, options = fused_inputs
-    updates, new_states = torch.zeros_like(grads), [s.detach().clone() for s in states]
-    run_fused(kernel, [updates], [grads], new_states, weights, options)
-    return updates, new_states
+        return self._fused_update(meta_params, grads, {k: v.contiguous() for k, v in state.items()}, step)
 
 
 def fused_refusal(optimizer: Optimizer, tensors: list[Tensor]) -> str | None:
@@ -274,12 +193,12 @@ def fused_refusal(optimizer: Optimizer, tensors: list[Tensor]) -> str | None:
     if optimizer.fused_kernel is None:
         return f"optimizer {optimizer.kind!r} has no fused step"
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return f"the fused step ({optimizer.fused_kernel}.c) takes contiguous float32 CPU tensors only"
+        return f"the fused step ({optimizer.fused_kernel.kernel}.c) takes contiguous float32 CPU tensors only"
     refused = optimizer._fused_unsupported()
     if refused:
         return refused
     try:
-        library(optimizer.fused_kernel)
+        library(optimizer.fused_kernel.kernel)
     except NativeUnavailable as error:
         if not getattr(error, "warned", False):  # library() raises the same error on every later call
             warnings.warn(f"{optimizer.kind} runs the batched update: the fused kernel cannot be built ({error})")

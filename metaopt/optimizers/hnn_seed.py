@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
+from metaopt.optimizers.ops import define_kernel_ops
 from metaopt.optimizers.phnn import ACTIVATIONS, Activation
 
 
@@ -84,7 +85,6 @@ class HNNSeed(NetworkOptimizer):
     """
 
     kind = "hnn_seed"
-    fused_kernel = "hnn_seed_step"
 
     def __init__(
         self,
@@ -166,14 +166,14 @@ class HNNSeed(NetworkOptimizer):
             return f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}"
         return None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, HNNSeedKernelOptions]:
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict]:
         width = self.hidden or self.dim
         packed = [
             meta_params[name] if name != "L" else meta_params["L"] @ meta_params["L"].T  # M = L·Lᵀ
             for name in self._packed_names()
         ]
-        weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
-        options = HNNSeedKernelOptions(
+        weights = torch.cat([w.reshape(-1) for w in packed]).to(torch.float32)
+        settings = dict(
             dim=self.dim,
             hidden=width,
             depth=self.depth,
@@ -183,9 +183,10 @@ class HNNSeed(NetworkOptimizer):
             out_mul=self.out_mul,
             lr=lr,
         )
-        return weights, options
+        return weights, weights.new_zeros(0), settings
 
     def _packed_names(self) -> list[str]:
+        """The meta-parameters in the kernel's weights, in its order (L's place holds M = L·Lᵀ)."""
         names = [name for name, _ in self.network.named_parameters()]
         return [name for net in ("G.", "V.") for name in names if name.startswith(net)] + [
             "D.weight",
@@ -198,12 +199,6 @@ class HNNSeed(NetworkOptimizer):
 
     def _fused_meta_supported(self) -> bool:
         return self.depth == 1 and self.activation in ("relu", "tanh")
-
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: HNNSeedKernelOptions) -> MetaParams:
-        grads = super()._fused_meta_grads(sums, meta_params, options)
-        grad_m = grads["L"]  # the kernel's gradient is w.r.t. M = L·Lᵀ
-        grads["L"] = (grad_m + grad_m.T) @ meta_params["L"].detach()
-        return grads
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/hnn_seed_step.c
@@ -219,3 +214,5 @@ class HNNSeedKernelOptions(ctypes.Structure):
 
 
 _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "gelu": 2, "silu": 3}
+HNN_SEED_OPS = define_kernel_ops("hnn_seed_step", HNNSeedKernelOptions)
+HNNSeed.fused_kernel = HNN_SEED_OPS

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
+from metaopt.optimizers.ops import define_kernel_ops
 
 _MAX_FUSED_HIDDEN, _MAX_FUSED_LAYERS = 64, 4  # MAX_HIDDEN, MAX_LAYERS in csrc/lstm_step.c
 
@@ -73,7 +74,6 @@ class CoordinatewiseLSTM(NetworkOptimizer):
     """
 
     kind = "lstm"
-    fused_kernel = "lstm_step"
 
     def __init__(
         self,
@@ -123,7 +123,7 @@ class CoordinatewiseLSTM(NetworkOptimizer):
             )
         return None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, LSTMKernelOptions]:
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict]:
         packed = []
         for layer in range(self.layers):  # W = [weight_ih, weight_hh], b = bias_ih + bias_hh
             cell = f"cells.{layer}."
@@ -132,8 +132,8 @@ class CoordinatewiseLSTM(NetworkOptimizer):
                 meta_params[cell + "bias_ih"] + meta_params[cell + "bias_hh"],
             ]
         packed += [meta_params["head.weight"], meta_params["head.bias"]]
-        weights = torch.cat([w.detach().reshape(-1) for w in packed]).to(torch.float32)
-        options = LSTMKernelOptions(
+        weights = torch.cat([w.reshape(-1) for w in packed]).to(torch.float32)
+        settings = dict(
             in_size=self.input_size,
             hidden=self.hidden,
             layers=self.layers,
@@ -141,28 +141,11 @@ class CoordinatewiseLSTM(NetworkOptimizer):
             out_mul=self.out_mul,
             lr=lr,
         )
-        return weights, options
+        return weights, weights.new_zeros(0), settings
 
     def _fused_meta_supported(self) -> bool:
         return True
 
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: LSTMKernelOptions) -> MetaParams:
-        grads, offset = {}, 0
-        for layer in range(self.layers):
-            cell = f"cells.{layer}."
-            rows, inputs = meta_params[cell + "weight_ih"].shape
-            columns = inputs + self.hidden
-            weights = sums[offset : offset + rows * columns].float().reshape(rows, columns)
-            bias = sums[offset + rows * columns : offset + rows * (columns + 1)].float()
-            offset += rows * (columns + 1)
-            grads.update(
-                {
-                    cell + "weight_ih": weights[:, :inputs],
-                    cell + "weight_hh": weights[:, inputs:],
-                    cell + "bias_ih": bias,
-                    cell + "bias_hh": bias.clone(),
-                }
-            )
-        grads["head.weight"] = sums[offset : offset + self.hidden].float().reshape(1, self.hidden)
-        grads["head.bias"] = sums[offset + self.hidden : offset + self.hidden + 1].float()
-        return grads
+
+LSTM_OPS = define_kernel_ops("lstm_step", LSTMKernelOptions)
+CoordinatewiseLSTM.fused_kernel = LSTM_OPS

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from metaopt.optimizers.base import MetaParams, NetworkOptimizer, OptState
 from metaopt.optimizers.features import log_sign_constants, log_sign_preprocess
+from metaopt.optimizers.ops import define_kernel_ops
 
 HamiltonianChoice = Literal["learned", "quadratic"]
 DissipationChoice = Literal["learned", "constant"]
@@ -205,8 +206,6 @@ class PHNN(NetworkOptimizer):
     """
 
     kind = "phnn"
-    fused_kernel = "phnn_step"
-    fused_extra_grads = 2  # dL/dh, dL/dA₀
 
     def __init__(
         self,
@@ -323,18 +322,19 @@ class PHNN(NetworkOptimizer):
         ]
         return f"the fused phnn step does not take {', '.join(refused)}" if refused else None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, PHNNKernelOptions]:
-        """The packed weights and options of ``csrc/phnn_step.c``."""
+    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict]:
+        """The packed weights, scalars (h, A₀, the bias correction and the scheduled lr, as PHNN_OPS orders
+        them) and settings of ``csrc/phnn_step.c``."""
         packed = [meta_params[name] for name in self._packed_names()]
-        weights = torch.cat([w.detach().reshape(-1).float() for w in packed]) if packed else torch.zeros(1)
-        h = float(meta_params["log_h"].detach().float().exp())
-        a0 = float(meta_params["A0"].detach().float().reshape(()))
+        weights = torch.cat([w.reshape(-1).float() for w in packed]) if packed else torch.zeros(1)
+        log_h = meta_params["log_h"].float().reshape(())
         if self.horizon is not None:
-            lr = lr * float(
-                schedule_scale(meta_params["schedule"].detach().float(), step, self.horizon, self.init_momentum)
-            )
+            lr = lr * schedule_scale(meta_params["schedule"].float(), step, self.horizon, self.init_momentum)
         beta, learned = self.rms_decay, self._learned_parts()
-        options = PHNNKernelOptions(
+        correction = log_h.new_tensor(1 - beta ** (step + 1))
+        lr = torch.as_tensor(lr, dtype=torch.float32, device=log_h.device)
+        scalars = torch.stack([log_h.exp(), meta_params["A0"].float().reshape(()), correction, lr.reshape(())])
+        settings = dict(
             hidden=self.hidden,
             preprocess=self.preprocess,
             learned_energy=learned["hamiltonian"],
@@ -343,15 +343,11 @@ class PHNN(NetworkOptimizer):
             normalize=self.normalize,
             equivariant=self.sign_equivariant,
             state_features=self.state_features,
-            h=h,
-            a0=a0,
             **log_sign_constants(),
             beta=beta,
             one_minus_beta=1 - beta,
-            correction=1 - beta ** (step + 1),
-            lr=lr,
         )
-        return weights, options
+        return weights, scalars, settings
 
     def _learned_parts(self) -> dict[str, bool]:
         """Which of the energy, dissipation and port are learned MLPs, in the kernel's order."""
@@ -374,13 +370,6 @@ class PHNN(NetworkOptimizer):
         return all(self._learned_parts().values()) and not (
             self.sign_equivariant or self.state_features or self.horizon is not None
         )
-
-    def _fused_meta_grads(self, sums: Tensor, meta_params: MetaParams, options: PHNNKernelOptions) -> MetaParams:
-        grads = super()._fused_meta_grads(sums, meta_params, options)
-        offset = sum(g.numel() for g in grads.values())
-        grads["log_h"] = (sums[offset] * options.h).float().reshape(())  # dL/dh · h
-        grads["A0"] = sums[offset + 1].float().reshape(1, 1)
-        return grads
 
 
 _MAX_FUSED_WIDTH = 64  # MAX_WIDTH in csrc/phnn_step.c
@@ -418,3 +407,9 @@ class PHNNKernelOptions(ctypes.Structure):
             )
         ),
     ]
+
+
+PHNN_OPS = define_kernel_ops(
+    "phnn_step", PHNNKernelOptions, scalars=("h", "a0", "correction", "lr"), differentiable=("h", "a0")
+)
+PHNN.fused_kernel = PHNN_OPS
