@@ -6,11 +6,14 @@ fixed random gradients; only ``optimizer.step()`` is timed (median of ``--repeat
 ``metaopt.load_optimizer`` (their untrained initialisation: the cost does not depend on the
 weights; ``pretrained:general`` is the shipped optimizer, loaded as users load it): rows named by
 kind run the batched update (``fused=False``), ``KIND (fused)`` rows the
-native one-pass step (hnn_seed, phnn, lstm; CPU; ``load_optimizer``'s default where it
-runs). State memory is the bytes of the distinct storages behind ``optimizer.state``; on CUDA the
-peak memory allocated during a step (above the model and its gradients) is reported too.
+one-pass step (``load_optimizer``'s default where it runs: the native C step of hnn_seed, phnn and lstm
+on the CPU, phnn's Triton step on CUDA). State memory is the bytes of the distinct storages behind
+``optimizer.state``; on CUDA the peak memory allocated during a step (above the model and its
+gradients) is reported too.
 
     python -m jobs.benchmarks.optimizer_step [--quick] [--output runs/benchmarks/optimizer_step.json]
+    python -m jobs.benchmarks.optimizer_step --device cuda --sizes 1000000 10000000 100000000 --kinds phnn \
+        pretrained:general   # the GPU rows
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from metaopt.meta.checkpoint import read_spec
 from metaopt.optimizers import LEARNED, make_optimizer
 from metaopt.tracking.registry import PRETRAINED_PREFIX, resolve_checkpoint
 
-# parameters -> (width, layers) of the Linear stack
-MODELS = {10**4: (100, 1), 10**6: (1000, 1), 10**7: (1000, 10)}
+# parameters -> (width, layers) of the Linear stack; 10^8 for GPUs (--sizes 1000000 10000000 100000000)
+MODELS = {10**4: (100, 1), 10**6: (1000, 1), 10**7: (1000, 10), 10**8: (10000, 1)}
+CPU_SIZES = [10**4, 10**6, 10**7]
 LEARNED_KINDS = ("phnn", "hnn_seed", "lstm", "pretrained:general")
 
 
@@ -118,7 +122,8 @@ def run(
                     builders[kind] = lambda params, kind=kind: metaopt.load_optimizer(
                         checkpoints[kind], params, fused=False
                     )
-                if LEARNED[read_spec(checkpoints[kind])["kind"]].fused_kernel and device.type == "cpu":
+                ops = LEARNED[read_spec(checkpoints[kind])["kind"]].fused_kernel
+                if ops and (device.type == "cpu" or (device.type == "cuda" and ops.cuda)):
                     builders[f"{kind} (fused)"] = lambda params, kind=kind: metaopt.load_optimizer(
                         checkpoints[kind], params, fused=True
                     )
@@ -160,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
         help="CPU-sized: batched lstm only up to 10^6 parameters (its fused step at every size), "
         "compiled phnn only at 10^6, fewer repeats",
     )
-    p.add_argument("--sizes", type=int, nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    p.add_argument("--sizes", type=int, nargs="+", choices=sorted(MODELS), default=CPU_SIZES)
     p.add_argument("--kinds", nargs="+", choices=LEARNED_KINDS, default=list(LEARNED_KINDS))
     p.add_argument(
         "--compile",

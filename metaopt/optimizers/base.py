@@ -12,6 +12,7 @@ same way, so one small network serves models of any size::
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from abc import ABC, abstractmethod
@@ -179,6 +180,7 @@ class NetworkOptimizer(Optimizer):
             and torch.is_grad_enabled()
             and any(v.requires_grad for v in meta_params.values())
             and not grads.requires_grad
+            and grads.device.type == "cpu"
             and fused_refusal(self, [grads, *state.values(), *meta_params.values()]) is None
         ):
             return None
@@ -186,22 +188,45 @@ class NetworkOptimizer(Optimizer):
 
 
 def fused_refusal(optimizer: Optimizer, tensors: list[Tensor]) -> str | None:
-    """Why ``optimizer``'s native kernel cannot step ``tensors`` (parameters, gradients, state), or None when it
+    """Why ``optimizer``'s fused step cannot step ``tensors`` (parameters, gradients, state), or None when it
     can: the one place that decides between the fused step and the batched update, as ``torch.optim`` does in
-    ``_default_to_fused_or_foreach``. The kernel needs options it takes, contiguous float32 CPU tensors, and a
-    C compiler: where it cannot be built, this warns once and the batched update runs."""
-    if optimizer.fused_kernel is None:
+    ``_default_to_fused_or_foreach``. The fused step needs options it takes and contiguous float32 tensors,
+    on the CPU with a C compiler (the native kernel), or on CUDA with Triton (kernels with a Triton
+    implementation); where the kernel cannot be built or Triton is missing, this warns once and the batched
+    update runs."""
+    ops = optimizer.fused_kernel
+    if ops is None:
         return f"optimizer {optimizer.kind!r} has no fused step"
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return f"the fused step ({optimizer.fused_kernel.kernel}.c) takes contiguous float32 CPU tensors only"
+    devices = {t.device.type for t in tensors}
+    on_cuda = devices == {"cuda"} and ops.cuda is not None
+    if not (devices <= {"cpu"} or on_cuda) or not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        where = "CPU or CUDA" if ops.cuda else "CPU"
+        return f"the fused step ({ops.kernel}) takes contiguous float32 {where} tensors only"
     refused = optimizer._fused_unsupported()
     if refused:
         return refused
     try:
-        library(optimizer.fused_kernel.kernel)
+        _cuda_module(ops.cuda) if on_cuda else library(ops.kernel)
     except NativeUnavailable as error:
-        if not getattr(error, "warned", False):  # library() raises the same error on every later call
+        if not getattr(error, "warned", False):  # the same error comes back on every later call
             warnings.warn(f"{optimizer.kind} runs the batched update: the fused kernel cannot be built ({error})")
             error.warned = True
         return str(error)
     return None
+
+
+_cuda_modules: dict[str, object] = {}
+
+
+def _cuda_module(name: str) -> object:
+    """The module of a kernel's Triton implementation; ``NativeUnavailable`` (the same one on every later
+    call) where Triton cannot be imported."""
+    if name not in _cuda_modules:
+        try:
+            _cuda_modules[name] = importlib.import_module(name)
+        except ImportError as error:
+            _cuda_modules[name] = NativeUnavailable(f"Triton is not available ({error})")
+    found = _cuda_modules[name]
+    if isinstance(found, NativeUnavailable):
+        raise found
+    return found

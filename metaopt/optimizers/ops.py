@@ -12,6 +12,9 @@ Each native kernel ``K`` (``csrc/K.c``) is three ops, whose schemas name the ker
   state overwritten in place, over a list of parameters: the step ``torch.optim`` users run.
 - ``metaopt::K_backward``.
 
+On CUDA tensors, kernels with a Triton implementation (phnn: ``triton_phnn.py``) run the no-grad ops;
+meta-training through the ops stays on the CPU.
+
 ``scalars`` holds the settings that are tensors: those with a meta-gradient (phnn's h and A₀) and those
 that change with the step (phnn's bias correction and scheduled rate). Every op has a fake (meta)
 implementation, so ``torch.compile`` and ``torch.export`` trace through them.
@@ -20,6 +23,7 @@ implementation, so ``torch.compile`` and ``torch.export`` trace through them.
 from __future__ import annotations
 
 import ctypes
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +46,7 @@ class KernelOps:
     step: Any  # metaopt::K
     step_: Any  # metaopt::K_
     backward: Any  # metaopt::K_backward
+    cuda: str | None  # the module of the no-grad step's CUDA (Triton) implementation, if there is one
 
     def struct(self, settings: dict[str, Any], scalars: Tensor) -> ctypes.Structure:
         """The kernel's ``Options`` from the ops' settings and scalars."""
@@ -49,9 +54,14 @@ class KernelOps:
 
 
 def define_kernel_ops(
-    kernel: str, options: type[ctypes.Structure], scalars: tuple[str, ...] = (), differentiable: tuple[str, ...] = ()
+    kernel: str,
+    options: type[ctypes.Structure],
+    scalars: tuple[str, ...] = (),
+    differentiable: tuple[str, ...] = (),
+    cuda: str | None = None,
 ) -> KernelOps:
-    """Register ``metaopt::{kernel}``, ``metaopt::{kernel}_`` and ``metaopt::{kernel}_backward``."""
+    """Register ``metaopt::{kernel}``, ``metaopt::{kernel}_`` and ``metaopt::{kernel}_backward``; ``cuda``
+    names the module whose ``{kernel}`` function is the no-grad step's CUDA implementation (Triton)."""
     settings = ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in options._fields_ if name not in scalars)
     common = f"Tensor weights, Tensor scalars, *, {settings}"
     extra = len(differentiable)
@@ -128,5 +138,15 @@ def define_kernel_ops(
         return None, grad_states, sums[: weights.numel()].to(weights.dtype), grad_scalars
 
     step_op.register_autograd(step_backward, setup_context=setup_context)
-    ops = KernelOps(kernel, options, scalars, differentiable, step_op, step_op_, backward_op)
+    if cuda is not None:  # the Triton module is imported at the first CUDA call, not with metaopt
+
+        def step_cuda(*args, **kwargs):
+            return getattr(importlib.import_module(cuda), kernel)(*args, **kwargs)
+
+        def step_cuda_(*args, **kwargs):
+            return getattr(importlib.import_module(cuda), kernel + "_")(*args, **kwargs)
+
+        step_op.register_kernel("cuda", step_cuda)
+        step_op_.register_kernel("cuda", step_cuda_)
+    ops = KernelOps(kernel, options, scalars, differentiable, step_op, step_op_, backward_op, cuda)
     return ops

@@ -326,7 +326,7 @@ class PHNN(NetworkOptimizer):
         """The packed weights, scalars (h, A₀, the bias correction and the scheduled lr, as PHNN_OPS orders
         them) and settings of ``csrc/phnn_step.c``."""
         packed = [meta_params[name] for name in self._packed_names()]
-        weights = torch.cat([w.reshape(-1).float() for w in packed]) if packed else torch.zeros(1)
+        weights = torch.cat([w.reshape(-1).float() for w in packed]) if packed else meta_params["log_h"].new_zeros(1)
         log_h = meta_params["log_h"].float().reshape(())
         if self.horizon is not None:
             lr = lr * schedule_scale(meta_params["schedule"].float(), step, self.horizon, self.init_momentum)
@@ -410,6 +410,10 @@ class PHNNKernelOptions(ctypes.Structure):
 
 
 PHNN_OPS = define_kernel_ops(
-    "phnn_step", PHNNKernelOptions, scalars=("h", "a0", "correction", "lr"), differentiable=("h", "a0")
+    "phnn_step",
+    PHNNKernelOptions,
+    scalars=("h", "a0", "correction", "lr"),
+    differentiable=("h", "a0"),
+    cuda="metaopt.optimizers.triton_phnn",
 )
 PHNN.fused_kernel = PHNN_OPS

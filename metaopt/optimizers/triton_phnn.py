@@ -1,0 +1,237 @@
+"""phnn's no-grad step in Triton: the CUDA implementation of ``metaopt::phnn_step`` and
+``metaopt::phnn_step_`` (``csrc/phnn_step.c`` computes the same on the CPU).
+
+One program steps ``BLOCK`` coordinates; the settings that shape the computation (the learned parts,
+normalisation, sign equivariance, state features, the hidden width) are compile-time constants, so each
+shipped shape is its own specialised kernel. Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors,
+which is how the tests check it against the batched update on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 256
+
+
+def weight_layout(hidden: int, features: int, inputs: int, energy: bool, dissipation: bool, port: bool) -> dict:
+    """Where each learned part's weights start in the packed weights (``weight_layout`` of phnn_step.c)."""
+    o = {"energy_W": 0, "energy_b": hidden * (1 + features)}
+    o["energy_w"] = o["energy_b"] + hidden
+    o["dissipation_W"] = o["energy_w"] + hidden if energy else 0
+    o["dissipation_b"] = o["dissipation_W"] + hidden * inputs
+    o["dissipation_w"] = o["dissipation_b"] + hidden
+    o["dissipation_c"] = o["dissipation_w"] + hidden
+    o["port_W"] = o["dissipation_c"] + 1 if dissipation else o["dissipation_W"]
+    o["port_b"] = o["port_W"] + hidden * inputs
+    o["port_w"] = o["port_b"] + hidden
+    o["port_c"] = o["port_w"] + 2 * hidden
+    return o
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _energy_grad(
+    w_ptr,
+    W: tl.constexpr,
+    b: tl.constexpr,
+    wv: tl.constexpr,
+    p,
+    f0,
+    f1,
+    FEATURES: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """∂H/∂p = p + Σ_j w_j (1 − tanh²(z_j)) W_j0 with z = W [p, f] + b; EVEN: of H averaged over ±p."""
+    total = p
+    for j in tl.static_range(HIDDEN):
+        row = W + j * (1 + FEATURES)
+        z = tl.load(w_ptr + b + j) + tl.load(w_ptr + row + 1) * f0
+        if FEATURES == 2:
+            z += tl.load(w_ptr + row + 2) * f1
+        w_p = tl.load(w_ptr + row)
+        t = _tanh(z + w_p * p)
+        if EVEN:
+            t_minus = _tanh(z - w_p * p)
+            total += 0.5 * tl.load(w_ptr + wv + j) * ((1.0 - t * t) - (1.0 - t_minus * t_minus)) * w_p
+        else:
+            total += tl.load(w_ptr + wv + j) * (1.0 - t * t) * w_p
+    return total
+
+
+@triton.jit
+def _phnn_step_kernel(
+    grad_ptr,
+    p_ptr,
+    v_ptr,
+    update_ptr,
+    p_out_ptr,
+    v_out_ptr,
+    w_ptr,
+    scalars_ptr,
+    n,
+    threshold,
+    log_divisor,
+    small_scale,
+    beta,
+    one_minus_beta,
+    HIDDEN: tl.constexpr,
+    PREPROCESS: tl.constexpr,
+    LEARNED_ENERGY: tl.constexpr,
+    LEARNED_DISSIPATION: tl.constexpr,
+    LEARNED_PORT: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    EQUIVARIANT: tl.constexpr,
+    STATE_FEATURES: tl.constexpr,
+    FEATURES: tl.constexpr,
+    INPUTS: tl.constexpr,
+    E_W: tl.constexpr,
+    E_B: tl.constexpr,
+    E_WV: tl.constexpr,
+    D_W: tl.constexpr,
+    D_B: tl.constexpr,
+    D_WV: tl.constexpr,
+    D_C: tl.constexpr,
+    P_W: tl.constexpr,
+    P_B: tl.constexpr,
+    P_WV: tl.constexpr,
+    P_C: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+    h, a0 = tl.load(scalars_ptr), tl.load(scalars_ptr + 1)
+    correction, lr = tl.load(scalars_ptr + 2), tl.load(scalars_ptr + 3)
+    if NORMALIZE:
+        v = beta * tl.load(v_ptr + offsets, mask=mask, other=0.0) + one_minus_beta * g * g
+        tl.store(v_out_ptr + offsets, v, mask=mask)
+        g = g / (tl.sqrt(v / correction) + 1e-8)
+    sign = tl.where(g > 0.0, 1.0, 0.0) - tl.where(g < 0.0, 1.0, 0.0)
+    if PREPROCESS:
+        magnitude = tl.abs(g)
+        large = magnitude >= threshold
+        f0 = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / log_divisor, -1.0)
+        odd = tl.where(large, sign, g * small_scale)
+        f1 = odd
+    else:
+        f0 = tl.abs(g) if EQUIVARIANT else g
+        odd = sign
+        f1 = g
+    p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+    f_state = p * odd if EQUIVARIANT else p
+    if LEARNED_ENERGY:
+        dh_dp = _energy_grad(w_ptr, E_W, E_B, E_WV, p, f0, f1, FEATURES, HIDDEN, EQUIVARIANT)
+    else:
+        dh_dp = p
+    a = a0 + tl.zeros_like(g)
+    gain = tl.zeros_like(g)
+    offset = tl.zeros_like(g)
+    if LEARNED_DISSIPATION or LEARNED_PORT:
+        a_sum = tl.zeros_like(g)
+        if LEARNED_DISSIPATION:
+            a_sum += tl.load(w_ptr + D_C)
+        if LEARNED_PORT:
+            gain += tl.load(w_ptr + P_C)
+            offset += tl.load(w_ptr + P_C + 1)
+        for j in tl.static_range(HIDDEN):
+            if LEARNED_DISSIPATION:
+                z = tl.load(w_ptr + D_B + j) + tl.load(w_ptr + D_W + j * INPUTS) * f0
+                if FEATURES == 2:
+                    z += tl.load(w_ptr + D_W + j * INPUTS + 1) * f1
+                if STATE_FEATURES:
+                    z += tl.load(w_ptr + D_W + j * INPUTS + FEATURES) * f_state
+                a_sum += tl.load(w_ptr + D_WV + j) * _tanh(z)
+            if LEARNED_PORT:
+                z = tl.load(w_ptr + P_B + j) + tl.load(w_ptr + P_W + j * INPUTS) * f0
+                if FEATURES == 2:
+                    z += tl.load(w_ptr + P_W + j * INPUTS + 1) * f1
+                if STATE_FEATURES:
+                    z += tl.load(w_ptr + P_W + j * INPUTS + FEATURES) * f_state
+                t = _tanh(z)
+                gain += tl.load(w_ptr + P_WV + j) * t
+                offset += tl.load(w_ptr + P_WV + HIDDEN + j) * t
+        a = a0 + a_sum
+        if EQUIVARIANT:
+            offset = offset * odd
+    force = -(g * (1.0 + gain) + offset) if LEARNED_PORT else -g
+    p_next = p + h * (force - a * a * dh_dp)
+    tl.store(p_out_ptr + offsets, p_next, mask=mask)
+    if LEARNED_ENERGY:
+        velocity = _energy_grad(w_ptr, E_W, E_B, E_WV, p_next, f0, f1, FEATURES, HIDDEN, EQUIVARIANT)
+    else:
+        velocity = p_next
+    tl.store(update_ptr + offsets, lr * (h * velocity), mask=mask)
+
+
+def kernel_constants(settings: dict) -> dict:
+    """The kernel's compile-time constants for the ops' ``settings``: its shape and weight offsets."""
+    features = 2 if settings["preprocess"] and not settings["equivariant"] else 1
+    inputs = features + int(settings["state_features"])
+    parts = (bool(settings[f"learned_{part}"]) for part in ("energy", "dissipation", "port"))
+    layout = weight_layout(settings["hidden"], features, inputs, *parts)
+    return {
+        "HIDDEN": settings["hidden"],
+        "PREPROCESS": bool(settings["preprocess"]),
+        "LEARNED_ENERGY": bool(settings["learned_energy"]),
+        "LEARNED_DISSIPATION": bool(settings["learned_dissipation"]),
+        "LEARNED_PORT": bool(settings["learned_port"]),
+        "NORMALIZE": bool(settings["normalize"]),
+        "EQUIVARIANT": bool(settings["equivariant"]),
+        "STATE_FEATURES": int(settings["state_features"]),
+        "FEATURES": features,
+        "INPUTS": inputs,
+        **{key: layout[name] for key, name in _OFFSETS.items()},
+        "BLOCK": BLOCK,
+    }
+
+
+_OFFSETS = {
+    "E_W": "energy_W",
+    "E_B": "energy_b",
+    "E_WV": "energy_w",
+    "D_W": "dissipation_W",
+    "D_B": "dissipation_b",
+    "D_WV": "dissipation_w",
+    "D_C": "dissipation_c",
+    "P_W": "port_W",
+    "P_B": "port_b",
+    "P_WV": "port_w",
+    "P_C": "port_c",
+}
+
+
+def phnn_step(
+    grad: Tensor, state: list[Tensor], weights: Tensor, scalars: Tensor, **settings
+) -> tuple[Tensor, list[Tensor]]:
+    """``metaopt::phnn_step`` in Triton: the update and the next state (p, and v with ``normalize``)."""
+    grad, weights, scalars = grad.contiguous(), weights.contiguous(), scalars.contiguous()
+    p = state[0].contiguous()
+    v = state[1].contiguous() if settings["normalize"] else p
+    updates, p_next = torch.empty_like(grad), torch.empty_like(p)
+    v_next = torch.empty_like(v) if settings["normalize"] else p_next
+    n = grad.numel()
+    _phnn_step_kernel[(triton.cdiv(n, BLOCK),)](
+        grad, p, v, updates, p_next, v_next, weights, scalars, n,
+        settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
+        settings["one_minus_beta"], **kernel_constants(settings),
+    )  # fmt: skip
+    return updates, [p_next, v_next] if settings["normalize"] else [p_next]
+
+
+def phnn_step_(
+    params: list[Tensor], grads: list[Tensor], state: list[Tensor], weights: Tensor, scalars: Tensor, **settings
+) -> None:
+    """``metaopt::phnn_step_`` in Triton: ``params[i] += update`` and ``state`` overwritten."""
+    updates, new_state = phnn_step(torch.cat([g.reshape(-1) for g in grads]), state, weights, scalars, **settings)
+    torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.split([p.numel() for p in params]), params)])
+    for old, new in zip(state, new_state):
+        old.copy_(new)
