@@ -186,3 +186,34 @@ def test_a_parameter_that_skips_steps_leaves_the_others_step_counts_alone(kind, 
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     for key in shared.state[together[1]]:
         torch.testing.assert_close(shared.state[together[1]][key], own[1].state[alone[1]][key], rtol=1e-6, atol=1e-7)
+
+
+GENERAL = {"normalize": True, "sign_equivariant": True, "horizon": 20, "init_lr": 0.02, "init_momentum": 0.6}
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "fused"),
+    [("phnn", GENERAL, True), ("phnn", GENERAL, False), ("hnn_seed", {}, True), ("lstm", {}, True)],
+    ids=["phnn-fused", "phnn-batched", "hnn_seed-fused", "lstm-fused"],
+)
+def test_a_compiled_optimizer_step_has_no_graph_break_and_equals_the_eager_one(kind, options, fused):
+    """torch.compile(optimizer.step, fullgraph=True): the fused step's op and the step counts (tensors)
+    trace; the compiled steps equal the eager ones and the growing step count never recompiles."""
+    optimizer = make_optimizer(kind, **options)
+    meta_params = off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1)
+    model, x, y = model_and_data()
+    models = [model, copy.deepcopy(model)]
+    optimizers = [LearnedOptimizer(m.parameters(), optimizer, meta_params, fused=fused) for m in models]
+    compiled = torch.compile(optimizers[1].step, fullgraph=True)
+    for step in range(5):
+        for index, (m, opt) in enumerate(zip(models, optimizers)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            if index == 0 or step == 0:  # the first step builds the state, eagerly
+                opt.step()
+            else:
+                with torch._dynamo.config.patch(error_on_recompile=step > 1):
+                    compiled()
+    for eager, traced in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(models[0].parameters()), next(model_and_data()[0].parameters()))

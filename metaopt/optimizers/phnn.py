@@ -42,16 +42,17 @@ def mlp(
     return nn.Sequential(*layers, last)
 
 
-def schedule_scale(knots: Tensor, step: int, horizon: int, momentum: float) -> Tensor:
+def schedule_scale(knots: Tensor, step: int | Tensor, horizon: int, momentum: float) -> Tensor:
     """σ(t) = s(t / T) / (1 − μ₀^(t+1)) at 0-based ``step`` t and ``horizon`` T: the schedule's factor
     on the step, the piecewise-linear interpolation s of the learned ``knots`` (evenly spaced over
     [0, 1], the last one held after T, negative values read as 0) times Adam's bias correction for
-    the initial momentum μ₀."""
-    position = min(step / horizon, 1.0) * (len(knots) - 1)
-    left = min(int(position), len(knots) - 2)
-    fraction = position - left
-    level = knots[left] * (1.0 - fraction) + knots[left + 1] * fraction
-    return level.clamp(min=0.0) / (1.0 - momentum ** (step + 1))
+    the initial momentum μ₀. ``step`` may be a tensor (a step count kept on the device)."""
+    t = torch.as_tensor(step, dtype=knots.dtype, device=knots.device)
+    position = (t / horizon).clamp(max=1.0) * (len(knots) - 1)
+    # Linear interpolation as a sum of hat functions: no data-dependent index, so it compiles and vmaps.
+    hats = (1.0 - (position - torch.arange(len(knots), dtype=knots.dtype, device=knots.device)).abs()).clamp(min=0.0)
+    level = (knots * hats).sum(-1)
+    return level.clamp(min=0.0) / (1.0 - momentum ** (t + 1))
 
 
 class _PHNNNetwork(nn.Module):
@@ -331,7 +332,7 @@ class PHNN(NetworkOptimizer):
         if self.horizon is not None:
             lr = lr * schedule_scale(meta_params["schedule"].float(), step, self.horizon, self.init_momentum)
         beta, learned = self.rms_decay, self._learned_parts()
-        correction = log_h.new_tensor(1 - beta ** (step + 1))
+        correction = torch.as_tensor(1 - beta ** (step + 1), dtype=torch.float32, device=log_h.device)
         lr = torch.as_tensor(lr, dtype=torch.float32, device=log_h.device)
         scalars = torch.stack([log_h.exp(), meta_params["A0"].float().reshape(()), correction, lr.reshape(())])
         settings = dict(

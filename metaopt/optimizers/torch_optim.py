@@ -24,11 +24,11 @@ class _FlatGroup:
     """
 
     param_ids: tuple[int, ...]
-    flat_params: list[Tensor]  # each parameter viewed as 1-D (same storage)
     sizes: list[int]
     state: OptState  # key -> [total, ...]
     steps: Tensor  # [len(params)] int64
     runs: list[tuple[int, int, int, int]]  # (first, end) parameters with equal step counts, (first, end) coordinates
+    fused: bool  # whether the fused step runs (decided, and warned about, once per group)
 
 
 def _equal_step_runs(steps: list[int], sizes: list[int]) -> list[tuple[int, int, int, int]]:
@@ -49,12 +49,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
     into a flat buffer) like any torch optimizer's, so ``state_dict`` / ``load_state_dict``
     resume a user's training exactly.
 
-    ``fused``, as in ``torch.optim.Adam``: the optimizer's native one-pass step (``fused_step``: hnn_seed,
-    and phnn in its usual shapes, on contiguous float32 CPU tensors; built on first use with the system
-    C compiler) in place of the batched update. ``None`` (default) uses it where it takes the tensors
-    and the batched update elsewhere (CUDA, float64, and everywhere, after one warning, if it cannot
-    be built); ``True`` requires it; ``False`` never uses it. ``compile=True`` runs the batched update
-    through ``torch.compile`` and falls back to eager, with a warning, where compilation fails.
+    ``fused``, as in ``torch.optim.Adam``: the optimizer's one-pass step (``fused_step``: the native C
+    step of hnn_seed, lstm and phnn in its usual shapes on contiguous float32 CPU tensors, built on first
+    use with the system C compiler; phnn's Triton step on CUDA) in place of the batched update. ``None``
+    (default) uses it where it takes the tensors and the batched update elsewhere (float64, CUDA without
+    a Triton step, and everywhere, after one warning, if it cannot be built); ``True`` requires it;
+    ``False`` never uses it. The choice is made once per group of parameters. ``compile=True`` runs the
+    batched update through ``torch.compile`` and falls back to eager, with a warning, where compilation
+    fails. Step counts stay tensors, so ``torch.compile(optimizer.step, fullgraph=True)`` traces the
+    whole step, fused or batched, and does not recompile as the count grows.
 
     ``horizon``, for an optimizer with a learned step schedule (phnn with ``horizon``): the number of
     steps the user's run takes, over which the schedule is stretched (default: the horizon it was
@@ -121,7 +124,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     by_device.setdefault((param.device, param.dtype), []).append(param)
             for (device, dtype), params in by_device.items():
                 flat = self._flat_group((index, device, dtype), params)
-                self._step_flat(flat, [p.grad for p in params], group["lr"], self._meta_params(device, dtype))
+                self._step_flat(flat, params, group["lr"], self._meta_params(device, dtype))
         return loss
 
     def _flat_group(self, key: tuple[int, torch.device, torch.dtype], params: list[Tensor]) -> _FlatGroup:
@@ -143,25 +146,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state[param].update(zip(keys, chunks))
             self.state[param][STEP] = step_view
         # Parameters of a group step together, so the runs hold until the group is rebuilt.
-        flat = _FlatGroup(
-            param_ids, [p.view(-1) for p in params], sizes, state, steps, _equal_step_runs(steps.tolist(), sizes)
-        )
+        fused = False
+        if self.fused is not False:
+            refusal = fused_refusal(self.optimizer, [*params, *(p.grad for p in params), *state.values()])
+            if refusal is not None and self.fused:
+                raise RuntimeError(f"fused=True, but the fused {self.optimizer.kind} step cannot run: {refusal}")
+            fused = refusal is None
+        flat = _FlatGroup(param_ids, sizes, state, steps, _equal_step_runs(steps.tolist(), sizes), fused)
         self._flat[key] = flat
         return flat
 
-    def _step_flat(self, flat: _FlatGroup, grads: list[Tensor], lr: float, meta_params: MetaParams) -> None:
+    def _step_flat(self, flat: _FlatGroup, params: list[Tensor], lr: float, meta_params: MetaParams) -> None:
         """One update of a flat group, its state buffers overwritten in place. Each parameter follows its own
         step count: parameters that skipped steps (no ``.grad``) are updated apart from the others."""
+        flat_params, grads = [p.view(-1) for p in params], [p.grad for p in params]
         for start, end, first, last in flat.runs:
             state = {key: value[first:last] for key, value in flat.state.items()}
             self._step_run(
-                flat.flat_params[start:end],
+                flat_params[start:end],
                 grads[start:end],
                 flat.sizes[start:end],
                 state,
-                int(flat.steps[start]),
+                flat.steps[start],
                 lr,
                 meta_params,
+                flat.fused,
             )
         flat.steps.add_(1)
 
@@ -171,27 +180,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grads: list[Tensor],
         sizes: list[int],
         state: OptState,
-        step: int,
+        step: Tensor,
         lr: float,
         meta_params: MetaParams,
+        fused: bool,
     ) -> None:
-        """One update, fused or batched, of flat parameters that share their 0-based ``step`` and whose
-        state is ``state`` (views, overwritten in place)."""
+        """One update, fused or batched, of flat parameters that share their 0-based ``step`` (a tensor, so
+        that a compiled step does not depend on its value) and whose state is ``state`` (views, overwritten
+        in place)."""
         horizon = self.optimizer.horizon
-        if horizon is not None and step == horizon:
+        if horizon is not None and not torch.compiler.is_compiling() and int(step) == horizon:
             warnings.warn(
                 f"step {horizon + 1} passes the {self.optimizer.kind} optimizer's horizon of {horizon} steps: "
                 "its learned schedule holds its last level from here on; to stretch the schedule over a "
                 "longer run, pass horizon=<the run's steps> to load_optimizer"
             )
         grads = [g.reshape(-1) for g in grads]
-        if self.fused is not False:
-            refusal = fused_refusal(self.optimizer, [*params, *grads, *state.values()])
-            if refusal is None:
-                self.optimizer.fused_step(meta_params, params, grads, state, step, float(lr))
-                return
-            if self.fused:
-                raise RuntimeError(f"fused=True, but the fused {self.optimizer.kind} step cannot run: {refusal}")
+        if fused:
+            self.optimizer.fused_step(meta_params, params, grads, state, step, lr)
+            return
         grad = torch.cat(grads)
         updates, new_state = self._call_update(meta_params, grad, state, step)
         torch._foreach_add_(params, updates.split(sizes), alpha=lr)
