@@ -38,6 +38,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _hidden_input(
+    w_ptr,
+    W: tl.constexpr,
+    b: tl.constexpr,
+    j: tl.constexpr,
+    f0,
+    f1,
+    f_state,
+    FEATURES: tl.constexpr,
+    INPUTS: tl.constexpr,
+    STATE_FEATURES: tl.constexpr,
+):
+    """z_j = W_j · [f, state feature] + b_j of the dissipation's or the port's hidden layer."""
+    z = tl.load(w_ptr + b + j) + tl.load(w_ptr + W + j * INPUTS) * f0
+    if FEATURES == 2:
+        z += tl.load(w_ptr + W + j * INPUTS + 1) * f1
+    if STATE_FEATURES:
+        z += tl.load(w_ptr + W + j * INPUTS + FEATURES) * f_state
+    return z
+
+
+@triton.jit
 def _energy_grad(
     w_ptr,
     W: tl.constexpr,
@@ -144,19 +166,10 @@ def _phnn_step_kernel(
             offset += tl.load(w_ptr + P_C + 1)
         for j in tl.static_range(HIDDEN):
             if LEARNED_DISSIPATION:
-                z = tl.load(w_ptr + D_B + j) + tl.load(w_ptr + D_W + j * INPUTS) * f0
-                if FEATURES == 2:
-                    z += tl.load(w_ptr + D_W + j * INPUTS + 1) * f1
-                if STATE_FEATURES:
-                    z += tl.load(w_ptr + D_W + j * INPUTS + FEATURES) * f_state
+                z = _hidden_input(w_ptr, D_W, D_B, j, f0, f1, f_state, FEATURES, INPUTS, STATE_FEATURES)
                 a_sum += tl.load(w_ptr + D_WV + j) * _tanh(z)
             if LEARNED_PORT:
-                z = tl.load(w_ptr + P_B + j) + tl.load(w_ptr + P_W + j * INPUTS) * f0
-                if FEATURES == 2:
-                    z += tl.load(w_ptr + P_W + j * INPUTS + 1) * f1
-                if STATE_FEATURES:
-                    z += tl.load(w_ptr + P_W + j * INPUTS + FEATURES) * f_state
-                t = _tanh(z)
+                t = _tanh(_hidden_input(w_ptr, P_W, P_B, j, f0, f1, f_state, FEATURES, INPUTS, STATE_FEATURES))
                 gain += tl.load(w_ptr + P_WV + j) * t
                 offset += tl.load(w_ptr + P_WV + HIDDEN + j) * t
         a = a0 + a_sum
