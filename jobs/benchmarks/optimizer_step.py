@@ -12,8 +12,7 @@ on the CPU, phnn's Triton step on CUDA). State memory is the bytes of the distin
 gradients) is reported too.
 
     python -m jobs.benchmarks.optimizer_step [--quick] [--output runs/benchmarks/optimizer_step.json]
-    python -m jobs.benchmarks.optimizer_step --device cuda --sizes 1000000 10000000 100000000 --kinds phnn \
-        pretrained:general   # the GPU rows
+    python -m jobs.benchmarks.optimizer_step --device cuda   # the GPU rows: 1e6, 1e7 and 1e8 parameters
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ from metaopt.meta.checkpoint import read_spec
 from metaopt.optimizers import LEARNED, make_optimizer
 from metaopt.tracking.registry import PRETRAINED_PREFIX, resolve_checkpoint
 
-# parameters -> (width, layers) of the Linear stack; 10^8 for GPUs (--sizes 1000000 10000000 100000000)
+# parameters -> (width, layers) of the Linear stack
 MODELS = {10**4: (100, 1), 10**6: (1000, 1), 10**7: (1000, 10), 10**8: (10000, 1)}
-CPU_SIZES = [10**4, 10**6, 10**7]
+DEFAULT_SIZES = {"cpu": [10**4, 10**6, 10**7], "cuda": [10**6, 10**7, 10**8]}
 LEARNED_KINDS = ("phnn", "hnn_seed", "lstm", "pretrained:general")
 
 
@@ -165,7 +164,13 @@ def parser() -> argparse.ArgumentParser:
         help="CPU-sized: batched lstm only up to 10^6 parameters (its fused step at every size), "
         "compiled phnn only at 10^6, fewer repeats",
     )
-    p.add_argument("--sizes", type=int, nargs="+", choices=sorted(MODELS), default=CPU_SIZES)
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        choices=sorted(MODELS),
+        help="default: 1e4, 1e6, 1e7 on CPU; 1e6, 1e7, 1e8 on CUDA",
+    )
     p.add_argument("--kinds", nargs="+", choices=LEARNED_KINDS, default=list(LEARNED_KINDS))
     p.add_argument(
         "--compile",
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     devices = list(dict.fromkeys(resolve_device(name) for name in args.device))
     rows = []
     for device in devices:
-        for size in args.sizes:
+        for size in args.sizes or DEFAULT_SIZES[device.type]:
             # the batched lstm at 10^7 writes 3 GB gate tensors and takes minutes a step
             fused_only = frozenset({"lstm"} if args.quick and size > 10**6 and device.type == "cpu" else set())
             compiled = [k for k in args.compile if not (args.quick and size != 10**6)]
