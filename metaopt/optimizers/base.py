@@ -33,7 +33,7 @@ class Optimizer(ABC):
 
     kind: ClassVar[str]
     learned: ClassVar[bool] = False
-    fused_kernel: ClassVar[KernelOps | None] = None  # the metaopt:: ops of csrc/{kernel}.c, for a native step
+    fused_kernel: ClassVar[KernelOps | None] = None  # the metaopt:: ops of its fused step (csrc/{kernel}.c)
     horizon: int | None = None  # the steps of a run a learned step schedule spans; None without one
 
     def init_meta_params(self, seed: int = 0) -> MetaParams:
@@ -74,8 +74,9 @@ class Optimizer(ABC):
     def update_no_grad(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState]:
-        """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused kernel where it
-        takes the tensors (float32 CPU, the options it covers), else ``update``."""
+        """``update`` where nothing needs a gradient (evaluation, ES): one pass of the fused step where it
+        takes the tensors (float32 on the CPU, or on CUDA for a kernel with a Triton step; the options it
+        covers), else ``update``."""
         if fused_refusal(self, [grads, *state.values()]) is None:
             return self._fused_update(meta_params, grads, state, step)
         return self.update(meta_params, grads, state, step)
