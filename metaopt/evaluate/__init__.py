@@ -11,6 +11,7 @@ import torch
 from metaopt.config import Config, OptimizerConfig, resolve_device
 from metaopt.evaluate.harness import Candidate, Result, compare, rollout_losses
 from metaopt.meta.checkpoint import load_checkpoint
+from metaopt.optimizers import make_optimizer
 from metaopt.optimizers.base import Optimizer
 from metaopt.tasks import make_task
 
@@ -32,8 +33,6 @@ def with_options(optimizer: Optimizer, options: dict) -> Optimizer:
     """``optimizer`` with ``options`` replacing its hyperparameters (the same meta-parameters fit it)."""
     if not options:
         return optimizer
-    from metaopt.optimizers import make_optimizer
-
     return make_optimizer(optimizer.kind, **{**optimizer.hyperparameters(), **options})
 
 
@@ -74,11 +73,8 @@ def run_evaluation(
     )
     from metaopt.evaluate.report import write_report  # pandas and matplotlib: not on Ray workers' import path
 
-    scored = (
-        f"loss before update {evaluation.steps}"
-        if evaluation.protocol == "published"
-        else (f"loss after {evaluation.steps} steps")
-    )
+    published = evaluation.protocol == "published"
+    scored = f"loss before update {evaluation.steps}" if published else f"loss after {evaluation.steps} steps"
     title = title or f"{config.task.kind}: {scored} over {evaluation.runs} held-out runs"
     table = write_report(results, output_dir, title)
     return results, table

@@ -61,18 +61,18 @@ def compare(
     first try each rate on ``sweep_runs`` meta-train optimizees of ``tuning_family`` and keep the one
     with the lowest mean final loss.
     """
-    if protocol == "published":
+    published = protocol == "published"
+    if published:
         steps -= 1
-    heldout = heldout_family.sample(optimizee_seeds(seed, runs, "meta_test"))
+    else:
+        heldout = heldout_family.sample(optimizee_seeds(seed, runs, "meta_test"))
     tuning = None
     total = sum(steps * (1 + len(c.lr_sweep or ())) for c in candidates)
     results = []
     with tqdm(total=total, desc="evaluate", unit="step", disable=not show_progress) as progress:
         for index, candidate in enumerate(candidates):
-            if protocol == "published":
-                heldout = heldout_family.sample(
-                    optimizee_seeds(seed, runs, "meta_test", stream=PUBLISHED_STREAM + index)
-                )
+            if published:  # optimizees of its own, in place of the shared ones
+                heldout = heldout_family.sample(optimizee_seeds(seed, runs, "meta_test", PUBLISHED_STREAM + index))
             lr, scores = candidate.lr, {}
             if candidate.lr_sweep:
                 if tuning_family is None:
