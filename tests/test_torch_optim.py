@@ -217,3 +217,42 @@ def test_a_compiled_optimizer_step_has_no_graph_break_and_equals_the_eager_one(k
     for eager, traced in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
     assert not torch.equal(next(models[0].parameters()), next(model_and_data()[0].parameters()))
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "fused"),
+    [("phnn", GENERAL, True), ("phnn", GENERAL, False), ("hnn_seed", {}, True), ("lstm", {}, True)],
+    ids=["phnn-fused", "phnn-batched", "hnn_seed-fused", "lstm-fused"],
+)
+def test_a_compiled_training_step_equals_the_eager_one(kind, options, fused):
+    """The forward pass, the backward pass and optimizer.step compiled as one graph (fullgraph=True; dynamo
+    traces the backward with ``trace_autograd_ops``) equal the eager steps, without recompiling."""
+    optimizer = make_optimizer(kind, **options)
+    meta_params = off_initialisation(optimizer.init_meta_params(0), 0, scale=0.1)
+    model, x, y = model_and_data()
+    models = [model, copy.deepcopy(model)]
+    optimizers = [LearnedOptimizer(m.parameters(), optimizer, meta_params, fused=fused) for m in models]
+
+    def train_step(model, optimizer):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    compiled = torch.compile(train_step, fullgraph=True)
+    losses = []
+    for step in range(5):
+        for opt in optimizers:
+            opt.zero_grad()  # torch.optim's zero_grad is not traced by dynamo
+        eager = train_step(models[0], optimizers[0])
+        if step == 0:  # the first step builds the state, eagerly
+            traced = train_step(models[1], optimizers[1])
+        else:
+            with torch._dynamo.config.patch(trace_autograd_ops=True, error_on_recompile=step > 1):
+                traced = compiled(models[1], optimizers[1])
+        losses.append((eager, traced))
+    for eager, traced in losses:
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+    for eager, traced in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(models[0].parameters()), next(model_and_data()[0].parameters()))

@@ -49,16 +49,25 @@ class Optimizer(ABC):
         """Additive updates for ``grads`` at 0-based ``step`` and the next state."""
 
     def fused_step(
-        self, meta_params: MetaParams, params: list[Tensor], grads: list[Tensor], state: OptState, step: int, lr: float
+        self,
+        meta_params: MetaParams,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: OptState,
+        step: int | Tensor,
+        lr: float,
+        weights: Tensor | None = None,
     ) -> None:
         """``params[i] += lr · update`` in place, and ``state`` (flat over all of ``params``, in order)
-        overwritten, in one pass of the native kernel (the op ``metaopt::{kernel}_``). Raises
+        overwritten, in one pass of the native kernel (the op ``metaopt::{kernel}_``); ``weights``: the
+        packed weights (``fused_weights(meta_params)``) where the caller keeps them. Raises
         ``FusedUnsupported`` for inputs or options it does not take and ``NativeUnavailable`` where it
         cannot be built."""
         refused = self._fused_unsupported()
         if refused:
             raise FusedUnsupported(refused)
-        weights, scalars, settings = self._fused_inputs(meta_params, step, lr)
+        scalars, settings = self._fused_scalars(meta_params, step, lr)
+        weights = self.fused_weights(meta_params) if weights is None else weights
         states = [state[key] for key in self.init_state(torch.zeros(0))]
         self.fused_kernel.step_(params, grads, states, weights, scalars, **settings)
 
@@ -66,10 +75,21 @@ class Optimizer(ABC):
         """Why ``fused_kernel`` does not take this optimizer's options, or None where it does."""
         return None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """The kernel ops' inputs for options it takes: the packed weights and ``scalars`` (both
-        differentiable functions of ``meta_params``) and the keyword settings."""
+    def fused_weights(self, meta_params: MetaParams) -> Tensor:
+        """The meta-parameters packed into the kernel's float32 weights (differentiable), for options it
+        takes: the same at every step."""
         raise NotImplementedError(f"optimizer {self.kind!r} has no fused step")
+
+    def _fused_scalars(self, meta_params: MetaParams, step: int | Tensor, lr: float) -> tuple[Tensor, dict[str, Any]]:
+        """The kernel ops' ``scalars`` (a differentiable function of ``meta_params``, ``step`` and ``lr``)
+        and keyword settings."""
+        raise NotImplementedError(f"optimizer {self.kind!r} has no fused step")
+
+    def _fused_inputs(
+        self, meta_params: MetaParams, step: int | Tensor, lr: float
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The kernel ops' inputs: the packed weights, ``scalars`` and the keyword settings."""
+        return self.fused_weights(meta_params), *self._fused_scalars(meta_params, step, lr)
 
     def update_no_grad(
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int

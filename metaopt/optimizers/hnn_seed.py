@@ -166,16 +166,17 @@ class HNNSeed(NetworkOptimizer):
             return f"the fused hnn_seed step takes hidden <= {_MAX_FUSED_WIDTH}, got {width}"
         return None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict]:
-        width = self.hidden or self.dim
+    def fused_weights(self, meta_params: MetaParams) -> Tensor:
         packed = [
             meta_params[name] if name != "L" else meta_params["L"] @ meta_params["L"].T  # M = L·Lᵀ
             for name in self._packed_names()
         ]
-        weights = torch.cat([w.reshape(-1) for w in packed]).to(torch.float32)
+        return torch.cat([w.reshape(-1) for w in packed]).to(torch.float32)
+
+    def _fused_scalars(self, meta_params: MetaParams, step: int | Tensor, lr: float) -> tuple[Tensor, dict]:
         settings = dict(
             dim=self.dim,
-            hidden=width,
+            hidden=self.hidden or self.dim,
             depth=self.depth,
             activation=_ACTIVATION_CODES[self.activation],
             preprocess=self.preprocess,
@@ -183,7 +184,7 @@ class HNNSeed(NetworkOptimizer):
             out_mul=self.out_mul,
             lr=lr,
         )
-        return weights, weights.new_zeros(0), settings
+        return meta_params["W_out.weight"].new_zeros(0, dtype=torch.float32), settings
 
     def _packed_names(self) -> list[str]:
         """The meta-parameters in the kernel's weights, in its order (L's place holds M = L·Lᵀ)."""

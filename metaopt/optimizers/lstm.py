@@ -123,7 +123,7 @@ class CoordinatewiseLSTM(NetworkOptimizer):
             )
         return None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict]:
+    def fused_weights(self, meta_params: MetaParams) -> Tensor:
         packed = []
         for layer in range(self.layers):  # W = [weight_ih, weight_hh], b = bias_ih + bias_hh
             cell = f"cells.{layer}."
@@ -132,7 +132,9 @@ class CoordinatewiseLSTM(NetworkOptimizer):
                 meta_params[cell + "bias_ih"] + meta_params[cell + "bias_hh"],
             ]
         packed += [meta_params["head.weight"], meta_params["head.bias"]]
-        weights = torch.cat([w.reshape(-1) for w in packed]).to(torch.float32)
+        return torch.cat([w.reshape(-1) for w in packed]).to(torch.float32)
+
+    def _fused_scalars(self, meta_params: MetaParams, step: int | Tensor, lr: float) -> tuple[Tensor, dict]:
         settings = dict(
             in_size=self.input_size,
             hidden=self.hidden,
@@ -141,7 +143,7 @@ class CoordinatewiseLSTM(NetworkOptimizer):
             out_mul=self.out_mul,
             lr=lr,
         )
-        return weights, weights.new_zeros(0), settings
+        return meta_params["head.bias"].new_zeros(0, dtype=torch.float32), settings
 
     def _fused_meta_supported(self) -> bool:
         return True

@@ -323,11 +323,13 @@ class PHNN(NetworkOptimizer):
         ]
         return f"the fused phnn step does not take {', '.join(refused)}" if refused else None
 
-    def _fused_inputs(self, meta_params: MetaParams, step: int, lr: float) -> tuple[Tensor, Tensor, dict]:
-        """The packed weights, scalars (h, A₀, the bias correction and the scheduled lr, as PHNN_OPS orders
-        them) and settings of ``csrc/phnn_step.c``."""
+    def fused_weights(self, meta_params: MetaParams) -> Tensor:
         packed = [meta_params[name] for name in self._packed_names()]
-        weights = torch.cat([w.reshape(-1).float() for w in packed]) if packed else meta_params["log_h"].new_zeros(1)
+        return torch.cat([w.reshape(-1).float() for w in packed]) if packed else meta_params["log_h"].new_zeros(1)
+
+    def _fused_scalars(self, meta_params: MetaParams, step: int | Tensor, lr: float) -> tuple[Tensor, dict]:
+        """The scalars (h, A₀, the bias correction and the scheduled lr, as PHNN_OPS orders them) and
+        settings of ``csrc/phnn_step.c``."""
         log_h = meta_params["log_h"].float().reshape(())
         if self.horizon is not None:
             lr = lr * schedule_scale(meta_params["schedule"].float(), step, self.horizon, self.init_momentum)
@@ -348,7 +350,7 @@ class PHNN(NetworkOptimizer):
             beta=beta,
             one_minus_beta=1 - beta,
         )
-        return weights, scalars, settings
+        return scalars, settings
 
     def _learned_parts(self) -> dict[str, bool]:
         """Which of the energy, dissipation and port are learned MLPs, in the kernel's order."""

@@ -28,7 +28,7 @@ class _FlatGroup:
     state: OptState  # key -> [total, ...]
     steps: Tensor  # [len(params)] int64
     runs: list[tuple[int, int, int, int]]  # (first, end) parameters with equal step counts, (first, end) coordinates
-    fused: bool  # whether the fused step runs (decided, and warned about, once per group)
+    fused_weights: Tensor | None  # the fused step's packed meta-parameters where it runs (decided once per group)
 
 
 def _equal_step_runs(steps: list[int], sizes: list[int]) -> list[tuple[int, int, int, int]]:
@@ -152,7 +152,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if refusal is not None and self.fused:
                 raise RuntimeError(f"fused=True, but the fused {self.optimizer.kind} step cannot run: {refusal}")
             fused = refusal is None
-        flat = _FlatGroup(param_ids, sizes, state, steps, _equal_step_runs(steps.tolist(), sizes), fused)
+        weights = self.optimizer.fused_weights(self._meta_params(*key[1:])) if fused else None
+        flat = _FlatGroup(param_ids, sizes, state, steps, _equal_step_runs(steps.tolist(), sizes), weights)
         self._flat[key] = flat
         return flat
 
@@ -170,7 +171,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 flat.steps[start],
                 lr,
                 meta_params,
-                flat.fused,
+                flat.fused_weights,
             )
         flat.steps.add_(1)
 
@@ -183,11 +184,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         step: Tensor,
         lr: float,
         meta_params: MetaParams,
-        fused: bool,
+        fused_weights: Tensor | None,
     ) -> None:
-        """One update, fused or batched, of flat parameters that share their 0-based ``step`` (a tensor, so
-        that a compiled step does not depend on its value) and whose state is ``state`` (views, overwritten
-        in place)."""
+        """One update, fused (with ``fused_weights``) or batched, of flat parameters that share their 0-based
+        ``step`` (a tensor, so that a compiled step does not depend on its value) and whose state is
+        ``state`` (views, overwritten in place)."""
         horizon = self.optimizer.horizon
         if horizon is not None and not torch.compiler.is_compiling() and int(step) == horizon:
             warnings.warn(
@@ -196,8 +197,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "longer run, pass horizon=<the run's steps> to load_optimizer"
             )
         grads = [g.reshape(-1) for g in grads]
-        if fused:
-            self.optimizer.fused_step(meta_params, params, grads, state, step, lr)
+        if fused_weights is not None:
+            self.optimizer.fused_step(meta_params, params, grads, state, step, lr, fused_weights)
             return
         grad = torch.cat(grads)
         updates, new_state = self._call_update(meta_params, grad, state, step)

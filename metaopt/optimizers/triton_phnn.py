@@ -248,3 +248,4 @@ def phnn_step_(
     torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.split([p.numel() for p in params]), params)])
     for old, new in zip(state, new_state):
         old.copy_(new)
+    torch.autograd.graph.increment_version([*params, *state])
