@@ -1,6 +1,7 @@
-"""phnn's Triton step (the CUDA implementation of metaopt::phnn_step) checked on this CPU-only machine:
-compiled for a GPU by Triton's compiler, and run by Triton's interpreter against the batched update
-(TRITON_INTERPRET=1 is read when a kernel is defined, so each check runs in its own process)."""
+"""phnn's Triton step and backward (the CUDA implementations of metaopt::phnn_step and
+metaopt::phnn_step_backward) checked on this CPU-only machine: compiled for a GPU by Triton's compiler, and
+run by Triton's interpreter against the batched update and the C backward (TRITON_INTERPRET=1 is read when
+a kernel is defined, so each check runs in its own process)."""
 
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("triton")  # ships with torch's Linux wheels; absent on platforms without CUDA builds
 
 SHAPES = 6  # triton_check.SHAPES
+META_TRAINED = 2  # the shapes among them that meta-train through the ops (every part learned, not equivariant)
 
 
 def run_check(mode: str, **env: str) -> str:
@@ -23,9 +25,12 @@ def run_check(mode: str, **env: str) -> str:
     return result.stdout
 
 
-def test_the_triton_step_equals_the_batched_update_for_every_shipped_phnn_shape():
-    assert run_check("interpret", TRITON_INTERPRET="1").count("update error") == 2 * SHAPES
+def test_the_triton_step_and_backward_equal_the_batched_update_and_the_c_backward_for_every_shipped_phnn_shape():
+    output = run_check("interpret", TRITON_INTERPRET="1")
+    assert output.count("update error") == 2 * SHAPES
+    assert output.count("backward:") == META_TRAINED
 
 
-def test_the_triton_step_compiles_for_a_gpu_for_every_shipped_phnn_shape():
-    assert run_check("compile", TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1").count("compiled") == SHAPES
+def test_the_triton_step_and_backward_compile_for_a_gpu_for_every_shipped_phnn_shape():
+    output = run_check("compile", TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    assert output.count("compiled") == SHAPES + META_TRAINED

@@ -1,6 +1,7 @@
-"""Run by test_triton_interpreter.py: phnn's Triton step for every shipped phnn shape, ``compile``d by
-Triton's real compiler for an H100 (sm_90; no GPU needed), or run on CPU tensors against the batched
-update under TRITON_INTERPRET=1 (``interpret``). Prints a line per check and exits 1 on a mismatch."""
+"""Run by test_triton_interpreter.py: phnn's Triton step for every shipped phnn shape, and its backward for
+every shape that meta-trains through the ops, ``compile``d by Triton's real compiler for an H100 (sm_90;
+no GPU needed), or run on CPU tensors under TRITON_INTERPRET=1 (``interpret``): the step against the
+batched update, the backward against the C backward. Prints a line per check and exits 1 on a mismatch."""
 
 import json
 import sys
@@ -10,7 +11,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from metaopt.optimizers import make_optimizer
-from metaopt.optimizers.triton_phnn import _phnn_step_kernel, kernel_constants, phnn_step, phnn_step_
+from metaopt.optimizers.triton_phnn import (
+    _phnn_step_backward_kernel,
+    _phnn_step_kernel,
+    kernel_constants,
+    phnn_step,
+    phnn_step_,
+    phnn_step_backward,
+)
 from metaopt.tracking.registry import PRETRAINED
 
 SHAPES = {
@@ -23,18 +31,16 @@ SHAPES = {
 }
 
 
-def compile_for_gpu(settings: dict) -> None:
-    """Compile the kernel specialised for ``settings`` to a CUDA binary (raises on a kernel the compiler refuses)."""
-    names = _phnn_step_kernel.arg_names
-    constants = kernel_constants(settings)
+def compile_for_gpu(kernel, constants: dict) -> None:
+    """Compile ``kernel`` specialised for ``constants`` to a CUDA binary (raises on a kernel the compiler refuses)."""
+    names = kernel.arg_names
     floats = ("threshold", "log_divisor", "small_scale", "beta", "one_minus_beta")
     signature = {
         name: "*fp32" if name.endswith("_ptr") else "i32" if name == "n" else "fp32" if name in floats else "constexpr"
         for name in names
     }
-    source = triton.compiler.ASTSource(
-        fn=_phnn_step_kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
-    )
+    constexprs = {(names.index(k),): v for k, v in constants.items() if k in names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 
 
@@ -51,11 +57,25 @@ def check(name: str, options: dict) -> bool:
         k: v.uniform_(0, 1, generator=generator) if k == "v" else v.normal_(generator=generator)
         for k, v in optimizer.init_state(torch.zeros(size)).items()
     }
+    meta_trains = optimizer._fused_meta_supported()
     if sys.argv[1] == "compile":
-        compile_for_gpu(optimizer._fused_inputs(meta_params, 0, 1.0)[2])
+        settings = optimizer._fused_inputs(meta_params, 0, 1.0)[2]
+        compile_for_gpu(_phnn_step_kernel, kernel_constants(settings))
         print(f"{name}: compiled for sm_90")
+        if meta_trains:
+            sums = optimizer.fused_weights(meta_params).numel() + 2
+            compile_for_gpu(_phnn_step_backward_kernel, {**kernel_constants(settings), "SUMS": sums})
+            print(f"{name}: backward compiled for sm_90")
         return True
     ok = True
+    if meta_trains:  # the backward of meta-training through the ops, against the C backward
+        weights, scalars, settings = optimizer._fused_inputs(meta_params, 3, 1.0)
+        upstream = [torch.randn(size, generator=generator) for _ in range(2)]
+        got = phnn_step_backward(grad, list(state.values()), weights, scalars, *upstream, **settings)
+        want = optimizer.fused_kernel.backward(grad, list(state.values()), weights, scalars, *upstream, **settings)
+        errors = [float((a.reshape(b.shape) - b).abs().max() / b.abs().max()) for a, b in zip(got, want)]
+        ok &= max(errors) < 1e-5
+        print(f"{name}, backward: dL/dp error {errors[0]:.2e}, meta-gradient {errors[1]:.2e} (relative)")
     for step in (0, 57):
         weights, scalars, settings = optimizer._fused_inputs(meta_params, step, 1.0)
         updates, new_state = phnn_step(grad, list(state.values()), weights, scalars, **settings)

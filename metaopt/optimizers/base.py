@@ -194,14 +194,13 @@ class NetworkOptimizer(Optimizer):
         self, meta_params: MetaParams, grads: Tensor, state: OptState, step: int
     ) -> tuple[Tensor, OptState] | None:
         """The update as the kernel's op, whose registered autograd is the hand-written backward kernel, for
-        first-order meta-training on float32 CPU tensors; None where it does not apply (the batched update
-        then runs)."""
+        first-order meta-training on float32 tensors the kernel takes (CPU; CUDA for a kernel with a Triton
+        implementation); None where it does not apply (the batched update then runs)."""
         if not (
             self._fused_meta_supported()
             and torch.is_grad_enabled()
             and any(v.requires_grad for v in meta_params.values())
             and not grads.requires_grad
-            and grads.device.type == "cpu"
             and fused_refusal(self, [grads, *state.values(), *meta_params.values()]) is None
         ):
             return None

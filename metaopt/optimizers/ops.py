@@ -16,8 +16,8 @@ Each native kernel ``K`` (``csrc/K.c``) is three ops, whose schemas name the ker
   state overwritten in place, over a list of parameters: the step ``torch.optim`` users run.
 - ``metaopt::K_backward``.
 
-On CUDA tensors, kernels with a Triton implementation (phnn: ``triton_phnn.py``) run the no-grad ops;
-meta-training through the ops stays on the CPU.
+On CUDA tensors, kernels with a Triton implementation (phnn: ``triton_phnn.py``) run all three ops, so
+first-order meta-training runs through them on a GPU too.
 
 ``scalars`` holds the settings that are tensors: those with a meta-gradient (phnn's h and A₀) and those
 that change with the step (phnn's bias correction and scheduled rate). Every op has a fake (meta)
@@ -51,7 +51,7 @@ class KernelOps:
     step: torch._ops.OpOverload  # metaopt::K
     step_: torch._ops.OpOverload  # metaopt::K_
     backward: torch._ops.OpOverload  # metaopt::K_backward
-    cuda: str | None  # the module of the no-grad step's CUDA (Triton) implementation, if there is one
+    cuda: str | None  # the module of the ops' CUDA (Triton) implementations, if there is one
 
     def struct(self, settings: dict[str, Any], scalars: Tensor) -> ctypes.Structure:
         """The kernel's ``Options`` from the ops' settings and scalars."""
@@ -66,7 +66,7 @@ def define_kernel_ops(
     cuda: str | None = None,
 ) -> KernelOps:
     """Register ``metaopt::{kernel}``, ``metaopt::{kernel}_`` and ``metaopt::{kernel}_backward``; ``cuda``
-    names the module whose ``{kernel}`` function is the no-grad step's CUDA implementation (Triton)."""
+    names the module whose functions of the ops' names are their CUDA implementations (Triton)."""
     settings = ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in options._fields_ if name not in scalars)
     common = f"Tensor weights, Tensor scalars, *, {settings}"
     extra = len(differentiable)
@@ -132,16 +132,18 @@ def define_kernel_ops(
         return None, grad_states, sums[: weights.numel()].to(weights.dtype), grad_scalars
 
     torch.library.register_autograd(qualified["step"], step_backward, setup_context=setup_context, lib=LIBRARY)
-    if cuda is not None:  # the Triton module is imported at the first CUDA call, not with metaopt
-
-        def step_cuda(*args, **kwargs):
-            return getattr(importlib.import_module(cuda), kernel)(*args, **kwargs)
-
-        def step_cuda_(*args, **kwargs):
-            return getattr(importlib.import_module(cuda), kernel + "_")(*args, **kwargs)
-
-        torch.library.register_kernel(qualified["step"], "cuda", step_cuda, lib=LIBRARY)
-        torch.library.register_kernel(qualified["step_"], "cuda", step_cuda_, lib=LIBRARY)
+    if cuda is not None:
+        for key, name in names.items():
+            torch.library.register_kernel(qualified[key], "cuda", _imported(cuda, name), lib=LIBRARY)
     overloads = [getattr(torch.ops.metaopt, name).default for name in names.values()]
     ops = KernelOps(kernel, options, scalars, differentiable, *overloads, cuda)
     return ops
+
+
+def _imported(module: str, name: str):
+    """``module.name``, imported at its first call (the Triton module at the first CUDA call, not with metaopt)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call

@@ -1,10 +1,12 @@
-"""phnn's no-grad step in Triton: the CUDA implementation of ``metaopt::phnn_step`` and
-``metaopt::phnn_step_`` (``csrc/phnn_step.c`` computes the same on the CPU).
+"""phnn's step and its backward in Triton: the CUDA implementations of ``metaopt::phnn_step``,
+``metaopt::phnn_step_`` and ``metaopt::phnn_step_backward`` (``csrc/phnn_step.c`` computes the same
+on the CPU).
 
 One program steps ``BLOCK`` coordinates; the settings that shape the computation (the learned parts,
 normalisation, sign equivariance, state features, the hidden width) are compile-time constants, so each
-shipped shape is its own specialised kernel. Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors,
-which is how the tests check it against the batched update on machines without a GPU.
+shipped shape is its own specialised kernel. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors,
+which is how the tests check them (the step against the batched update, the backward against the C one)
+on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from metaopt.optimizers.native import FusedUnsupported
 
 BLOCK = 256
 
@@ -60,6 +64,34 @@ def _hidden_input(
 
 
 @triton.jit
+def _features(g, threshold, log_divisor, small_scale, PREPROCESS: tl.constexpr, EQUIVARIANT: tl.constexpr):
+    """The networks' features f0, f1 of the (normalised) gradient g and the odd factor that carries its
+    sign (phnn_step.c's f and odd; f1 is read only where there are two features)."""
+    sign = tl.where(g > 0.0, 1.0, 0.0) - tl.where(g < 0.0, 1.0, 0.0)
+    if PREPROCESS:
+        magnitude = tl.abs(g)
+        large = magnitude >= threshold
+        f0 = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / log_divisor, -1.0)
+        odd = tl.where(large, sign, g * small_scale)
+        f1 = odd
+    else:
+        f0 = tl.abs(g) if EQUIVARIANT else g
+        odd = sign
+        f1 = g
+    return f0, f1, odd
+
+
+@triton.jit
+def _energy_input(w_ptr, W: tl.constexpr, b: tl.constexpr, j: tl.constexpr, f0, f1, FEATURES: tl.constexpr):
+    """The gradient features' part of the energy's hidden input j: b_j + Σ_c W_j,1+c f_c."""
+    row = W + j * (1 + FEATURES)
+    z = tl.load(w_ptr + b + j) + tl.load(w_ptr + row + 1) * f0
+    if FEATURES == 2:
+        z += tl.load(w_ptr + row + 2) * f1
+    return z
+
+
+@triton.jit
 def _energy_grad(
     w_ptr,
     W: tl.constexpr,
@@ -75,11 +107,8 @@ def _energy_grad(
     """∂H/∂p = p + Σ_j w_j (1 − tanh²(z_j)) W_j0 with z = W [p, f] + b; EVEN: of H averaged over ±p."""
     total = p
     for j in tl.static_range(HIDDEN):
-        row = W + j * (1 + FEATURES)
-        z = tl.load(w_ptr + b + j) + tl.load(w_ptr + row + 1) * f0
-        if FEATURES == 2:
-            z += tl.load(w_ptr + row + 2) * f1
-        w_p = tl.load(w_ptr + row)
+        z = _energy_input(w_ptr, W, b, j, f0, f1, FEATURES)
+        w_p = tl.load(w_ptr + W + j * (1 + FEATURES))
         t = _tanh(z + w_p * p)
         if EVEN:
             t_minus = _tanh(z - w_p * p)
@@ -137,17 +166,7 @@ def _phnn_step_kernel(
         v = beta * tl.load(v_ptr + offsets, mask=mask, other=0.0) + one_minus_beta * g * g
         tl.store(v_out_ptr + offsets, v, mask=mask)
         g = g / (tl.sqrt(v / correction) + 1e-8)
-    sign = tl.where(g > 0.0, 1.0, 0.0) - tl.where(g < 0.0, 1.0, 0.0)
-    if PREPROCESS:
-        magnitude = tl.abs(g)
-        large = magnitude >= threshold
-        f0 = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / log_divisor, -1.0)
-        odd = tl.where(large, sign, g * small_scale)
-        f1 = odd
-    else:
-        f0 = tl.abs(g) if EQUIVARIANT else g
-        odd = sign
-        f1 = g
+    f0, f1, odd = _features(g, threshold, log_divisor, small_scale, PREPROCESS, EQUIVARIANT)
     p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
     f_state = p * odd if EQUIVARIANT else p
     if LEARNED_ENERGY:
@@ -183,6 +202,135 @@ def _phnn_step_kernel(
     else:
         velocity = p_next
     tl.store(update_ptr + offsets, lr * (h * velocity), mask=mask)
+
+
+@triton.jit
+def _store_sum(partial_ptr, k, x):
+    """This program's sum of x over its coordinates into its row of the partial sums, at column k."""
+    tl.store(partial_ptr + k, tl.sum(x, axis=0))
+
+
+@triton.jit
+def _phnn_step_backward_kernel(
+    grad_ptr,
+    p_ptr,
+    v_ptr,
+    grad_update_ptr,
+    grad_p_next_ptr,
+    grad_p_ptr,
+    w_ptr,
+    scalars_ptr,
+    partial_ptr,
+    n,
+    threshold,
+    log_divisor,
+    small_scale,
+    beta,
+    one_minus_beta,
+    HIDDEN: tl.constexpr,
+    PREPROCESS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    FEATURES: tl.constexpr,
+    E_W: tl.constexpr,
+    E_B: tl.constexpr,
+    E_WV: tl.constexpr,
+    D_W: tl.constexpr,
+    D_B: tl.constexpr,
+    D_WV: tl.constexpr,
+    D_C: tl.constexpr,
+    P_W: tl.constexpr,
+    P_B: tl.constexpr,
+    P_WV: tl.constexpr,
+    P_C: tl.constexpr,
+    SUMS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """phnn_step_backward of csrc/phnn_step.c (every part learned, not sign-equivariant, no state
+    features): dL/dp into grad_p, and this program's sums of the weights' gradients, then dL/dh and
+    dL/dA₀, into row program_id of the partial sums. Coordinates past n have no upstream gradient, so
+    they add nothing."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    partial_ptr += tl.program_id(0) * SUMS
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+    h, a0, correction = tl.load(scalars_ptr), tl.load(scalars_ptr + 1), tl.load(scalars_ptr + 2)
+    if NORMALIZE:
+        v = beta * tl.load(v_ptr + offsets, mask=mask, other=0.0) + one_minus_beta * g * g
+        g = g / (tl.sqrt(v / correction) + 1e-8)
+    f0, f1, _ = _features(g, threshold, log_divisor, small_scale, PREPROCESS, False)
+    p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+    grad_update = tl.load(grad_update_ptr + offsets, mask=mask, other=0.0)
+    grad_p_next = tl.load(grad_p_next_ptr + offsets, mask=mask, other=0.0)
+
+    # The forward: ∂H/∂p (energy) and ∂²H/∂p² (slope) at p, the dissipation's a, the port's gain and offset.
+    energy = p
+    slope = tl.full(p.shape, 1.0, tl.float32)
+    a = a0 + tl.load(w_ptr + D_C) + tl.zeros_like(p)
+    gain = tl.load(w_ptr + P_C) + tl.zeros_like(p)
+    offset = tl.load(w_ptr + P_C + 1) + tl.zeros_like(p)
+    for j in tl.static_range(HIDDEN):
+        w0, wj = tl.load(w_ptr + E_W + j * (1 + FEATURES)), tl.load(w_ptr + E_WV + j)
+        t = _tanh(_energy_input(w_ptr, E_W, E_B, j, f0, f1, FEATURES) + w0 * p)
+        energy += wj * (1.0 - t * t) * w0
+        slope -= 2.0 * wj * w0 * w0 * t * (1.0 - t * t)
+        a += tl.load(w_ptr + D_WV + j) * _tanh(_hidden_input(w_ptr, D_W, D_B, j, f0, f1, p, FEATURES, FEATURES, 0))
+        q = _tanh(_hidden_input(w_ptr, P_W, P_B, j, f0, f1, p, FEATURES, FEATURES, 0))
+        gain += tl.load(w_ptr + P_WV + j) * q
+        offset += tl.load(w_ptr + P_WV + HIDDEN + j) * q
+    rate = -(g * (1.0 + gain) + offset) - a * a * energy
+    p_next = p + h * rate
+    energy_next = p_next
+    slope_next = tl.full(p.shape, 1.0, tl.float32)
+    for j in tl.static_range(HIDDEN):
+        w0, wj = tl.load(w_ptr + E_W + j * (1 + FEATURES)), tl.load(w_ptr + E_WV + j)
+        t = _tanh(_energy_input(w_ptr, E_W, E_B, j, f0, f1, FEATURES) + w0 * p_next)
+        energy_next += wj * (1.0 - t * t) * w0
+        slope_next -= 2.0 * wj * w0 * w0 * t * (1.0 - t * t)
+
+    # Δθ = h ∂H/∂p(p'), p' = p + h (−(g (1 + gain) + offset) − a² ∂H/∂p(p))
+    bar_p_next = grad_p_next + grad_update * h * slope_next
+    tl.store(grad_p_ptr + offsets, bar_p_next * (1.0 - h * a * a * slope), mask=mask)
+    alpha_next = grad_update * h
+    alpha = -bar_p_next * h * a * a
+    bar_a = -2.0 * bar_p_next * h * a * energy
+    bar_gain = -bar_p_next * h * g
+    bar_offset = -bar_p_next * h
+    _store_sum(partial_ptr, SUMS - 2, grad_update * energy_next + bar_p_next * rate)  # dL/dh
+    _store_sum(partial_ptr, SUMS - 1, bar_a)  # dL/dA₀
+    _store_sum(partial_ptr, D_C, bar_a)
+    _store_sum(partial_ptr, P_C, bar_gain)
+    _store_sum(partial_ptr, P_C + 1, bar_offset)
+    for j in tl.static_range(HIDDEN):
+        w0, wj = tl.load(w_ptr + E_W + j * (1 + FEATURES)), tl.load(w_ptr + E_WV + j)
+        z = _energy_input(w_ptr, E_W, E_B, j, f0, f1, FEATURES)
+        t_p, t_next = _tanh(z + w0 * p), _tanh(z + w0 * p_next)
+        s_p, s_next = 1.0 - t_p * t_p, 1.0 - t_next * t_next
+        kappa_p, kappa_next = -2.0 * wj * w0 * t_p * s_p, -2.0 * wj * w0 * t_next * s_next
+        bar_z = alpha_next * kappa_next + alpha * kappa_p  # through ∂H/∂p's tanh arguments
+        _store_sum(partial_ptr, E_WV + j, (alpha_next * s_next + alpha * s_p) * w0)
+        _store_sum(
+            partial_ptr,
+            E_W + j * (1 + FEATURES),
+            alpha_next * (wj * s_next + kappa_next * p_next) + alpha * (wj * s_p + kappa_p * p),
+        )
+        _store_sum(partial_ptr, E_B + j, bar_z)
+        r = _tanh(_hidden_input(w_ptr, D_W, D_B, j, f0, f1, p, FEATURES, FEATURES, 0))
+        bar_y = bar_a * tl.load(w_ptr + D_WV + j) * (1.0 - r * r)
+        _store_sum(partial_ptr, D_WV + j, bar_a * r)
+        _store_sum(partial_ptr, D_B + j, bar_y)
+        q = _tanh(_hidden_input(w_ptr, P_W, P_B, j, f0, f1, p, FEATURES, FEATURES, 0))
+        gain_w, offset_w = tl.load(w_ptr + P_WV + j), tl.load(w_ptr + P_WV + HIDDEN + j)
+        bar_x = (bar_gain * gain_w + bar_offset * offset_w) * (1.0 - q * q)
+        _store_sum(partial_ptr, P_WV + j, bar_gain * q)
+        _store_sum(partial_ptr, P_WV + HIDDEN + j, bar_offset * q)
+        _store_sum(partial_ptr, P_B + j, bar_x)
+        _store_sum(partial_ptr, E_W + j * (1 + FEATURES) + 1, bar_z * f0)
+        _store_sum(partial_ptr, D_W + j * FEATURES, bar_y * f0)
+        _store_sum(partial_ptr, P_W + j * FEATURES, bar_x * f0)
+        if FEATURES == 2:
+            _store_sum(partial_ptr, E_W + j * (1 + FEATURES) + 2, bar_z * f1)
+            _store_sum(partial_ptr, D_W + j * FEATURES + 1, bar_y * f1)
+            _store_sum(partial_ptr, P_W + j * FEATURES + 1, bar_x * f1)
 
 
 def kernel_constants(settings: dict) -> dict:
@@ -249,3 +397,34 @@ def phnn_step_(
     for old, new in zip(state, new_state):
         old.copy_(new)
     torch.autograd.graph.increment_version([*params, *state])
+
+
+def phnn_step_backward(
+    grad: Tensor, state: list[Tensor], weights: Tensor, scalars: Tensor, grad_update: Tensor, grad_p: Tensor, **settings
+) -> tuple[Tensor, Tensor]:
+    """``metaopt::phnn_step_backward`` in Triton: dL/dp and the weights' summed gradients (float64, in their
+    layout), then dL/dh and dL/dA₀. For every part learned, not sign-equivariant and without state
+    features, as ``csrc/phnn_step.c``'s backward; each program sums its coordinates in float32, and the
+    programs' sums are added in float64."""
+    learned = all(settings[f"learned_{part}"] for part in ("energy", "dissipation", "port"))
+    if not learned or settings["equivariant"] or settings["state_features"]:
+        raise FusedUnsupported(
+            "the Triton phnn backward takes every part learned, not sign-equivariant, without state features"
+        )
+    constants = kernel_constants(settings)
+    grad, weights, scalars = grad.contiguous(), weights.contiguous(), scalars.contiguous()
+    p = state[0].contiguous()
+    v = state[1].contiguous() if settings["normalize"] else p
+    sums = weights.numel() + 2
+    n = grad.numel()
+    programs = triton.cdiv(n, BLOCK)
+    grad_p_out = torch.empty_like(p)
+    partial = torch.empty(programs, sums, dtype=torch.float32, device=grad.device)  # every entry is written
+    _phnn_step_backward_kernel[(programs,)](
+        grad, p, v, grad_update.contiguous(), grad_p.contiguous(), grad_p_out, weights, scalars, partial, n,
+        settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
+        settings["one_minus_beta"], HIDDEN=constants["HIDDEN"], PREPROCESS=constants["PREPROCESS"],
+        NORMALIZE=constants["NORMALIZE"], FEATURES=constants["FEATURES"],
+        **{key: constants[key] for key in _OFFSETS}, SUMS=sums, BLOCK=BLOCK,
+    )  # fmt: skip
+    return grad_p_out, partial.sum(0, dtype=torch.float64)
