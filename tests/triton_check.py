@@ -91,6 +91,8 @@ def check(name: str, options: dict) -> bool:
             float((a - b).abs().max()) for a, b in zip(copies, new_state)
         )
         ok &= error < 1e-5 and state_error < 1e-5 and in_place == 0.0
+        empty, _ = phnn_step(grad[:0], [s[:0] for s in state.values()], weights, scalars, **settings)
+        ok &= empty.numel() == 0
         print(f"{name}, step {step}: update error {error:.2e} (relative), state {state_error:.2e}, in place {in_place}")
     return ok
 

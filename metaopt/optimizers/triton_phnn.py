@@ -157,7 +157,7 @@ def _phnn_step_kernel(
     P_C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # past 2³¹ coordinates too
     mask = offsets < n
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
     h, a0 = tl.load(scalars_ptr), tl.load(scalars_ptr + 1)
@@ -249,9 +249,9 @@ def _phnn_step_backward_kernel(
     features): dL/dp into grad_p, and this program's sums of the weights' gradients, then dL/dh and
     dL/dA₀, into row program_id of the partial sums. Coordinates past n have no upstream gradient, so
     they add nothing."""
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    partial_ptr += tl.program_id(0) * SUMS
+    partial_ptr += tl.program_id(0).to(tl.int64) * SUMS
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
     h, a0, correction = tl.load(scalars_ptr), tl.load(scalars_ptr + 1), tl.load(scalars_ptr + 2)
     if NORMALIZE:
@@ -380,11 +380,12 @@ def phnn_step(
     updates, p_next = torch.empty_like(grad), torch.empty_like(p)
     v_next = torch.empty_like(v) if settings["normalize"] else p_next
     n = grad.numel()
-    _phnn_step_kernel[(triton.cdiv(n, BLOCK),)](
-        grad, p, v, updates, p_next, v_next, weights, scalars, n,
-        settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
-        settings["one_minus_beta"], **kernel_constants(settings),
-    )  # fmt: skip
+    if n:  # no launch for no coordinates
+        _phnn_step_kernel[(triton.cdiv(n, BLOCK),)](
+            grad, p, v, updates, p_next, v_next, weights, scalars, n,
+            settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
+            settings["one_minus_beta"], **kernel_constants(settings),
+        )  # fmt: skip
     return updates, [p_next, v_next] if settings["normalize"] else [p_next]
 
 
@@ -420,11 +421,12 @@ def phnn_step_backward(
     programs = triton.cdiv(n, BLOCK)
     grad_p_out = torch.empty_like(p)
     partial = torch.empty(programs, sums, dtype=torch.float32, device=grad.device)  # every entry is written
-    _phnn_step_backward_kernel[(programs,)](
-        grad, p, v, grad_update.contiguous(), grad_p.contiguous(), grad_p_out, weights, scalars, partial, n,
-        settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
-        settings["one_minus_beta"], HIDDEN=constants["HIDDEN"], PREPROCESS=constants["PREPROCESS"],
-        NORMALIZE=constants["NORMALIZE"], FEATURES=constants["FEATURES"],
-        **{key: constants[key] for key in _OFFSETS}, SUMS=sums, BLOCK=BLOCK,
-    )  # fmt: skip
+    if n:
+        _phnn_step_backward_kernel[(programs,)](
+            grad, p, v, grad_update.contiguous(), grad_p.contiguous(), grad_p_out, weights, scalars, partial, n,
+            settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
+            settings["one_minus_beta"], HIDDEN=constants["HIDDEN"], PREPROCESS=constants["PREPROCESS"],
+            NORMALIZE=constants["NORMALIZE"], FEATURES=constants["FEATURES"],
+            **{key: constants[key] for key in _OFFSETS}, SUMS=sums, BLOCK=BLOCK,
+        )  # fmt: skip
     return grad_p_out, partial.sum(0, dtype=torch.float64)
