@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+pytest.importorskip("triton")  # ships with torch's Linux wheels; absent on platforms without CUDA builds
+
 from metaopt.optimizers import triton_phnn
 from metaopt.optimizers.torch_optim import LearnedOptimizer
 from metaopt.tracking.registry import PRETRAINED

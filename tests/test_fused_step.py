@@ -349,6 +349,17 @@ def test_meta_training_step_and_its_backward_match_the_batched_update(kind, opti
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
+def test_a_gradient_of_the_fused_meta_gradient_is_refused_not_dropped():
+    """The backward kernel has no gradient of its own: differentiating a fused meta-gradient again
+    (create_graph=True) raises instead of silently leaving out the step's share."""
+    optimizer, meta_params = trained_like({}, kind="phnn")
+    meta_params = {k: v.clone().requires_grad_(True) for k, v in meta_params.items()}
+    updates, _ = optimizer.update(meta_params, gradients([100])[0], optimizer.init_state(torch.zeros(100)), 0)
+    meta_grads = torch.autograd.grad(updates.square().sum(), list(meta_params.values()), create_graph=True)
+    with pytest.raises(RuntimeError, match="first order.*second_order: true"):
+        torch.autograd.grad(sum(g.square().sum() for g in meta_grads), list(meta_params.values()))
+
+
 def test_phnn_meta_training_without_a_compiler_warns_and_runs_batched(fresh_cache, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
     optimizer, meta_params = trained_like({}, kind="phnn")

@@ -1,7 +1,8 @@
-"""Run by test_triton_interpreter.py: phnn's Triton step for every shipped phnn shape, and its backward for
-every shape that meta-trains through the ops, ``compile``d by Triton's real compiler for an H100 (sm_90;
-no GPU needed), or run on CPU tensors under TRITON_INTERPRET=1 (``interpret``): the step against the
-batched update, the backward against the C backward. Prints a line per check and exits 1 on a mismatch."""
+"""Run by test_triton_interpreter.py: phnn's Triton step for every shipped phnn shape (and two more), and its
+backward for every one of them that meta-trains through the ops, ``compile``d by Triton's real compiler for
+an H100 (sm_90; no GPU needed), or run on CPU tensors under TRITON_INTERPRET=1 (``interpret``): the step
+against the batched update, the backward against the C backward. Prints a line per check and exits 1 on a
+mismatch."""
 
 import json
 import sys
@@ -28,6 +29,9 @@ SHAPES = {
     "MNIST equivariant, mixture": {"normalize": True, "sign_equivariant": True, "horizon": 100},
     "state features": {"state_features": True, "hidden": 5},
     "fixed parts": {"dissipation": "constant", "hamiltonian": "quadratic", "preprocess": False},
+    # not shipped: the backward with one gradient feature and other widths
+    "no preprocessing": {"preprocess": False, "hidden": 5},
+    "normalized, no preprocessing": {"normalize": True, "preprocess": False, "hidden": 7},
 }
 
 

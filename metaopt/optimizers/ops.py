@@ -132,6 +132,15 @@ def define_kernel_ops(
         return None, grad_states, sums[: weights.numel()].to(weights.dtype), grad_scalars
 
     torch.library.register_autograd(qualified["step"], step_backward, setup_context=setup_context, lib=LIBRARY)
+
+    def second_order(ctx, *grads):
+        raise RuntimeError(
+            f"metaopt::{kernel} is first order: its backward has no gradient of its own, so gradients of "
+            "meta-gradients (create_graph=True through the fused step) are not available; "
+            "meta-train second order (train.estimator.second_order: true) to run the batched update"
+        )
+
+    torch.library.register_autograd(qualified["backward"], second_order, lib=LIBRARY)
     if cuda is not None:
         for key, name in names.items():
             torch.library.register_kernel(qualified[key], "cuda", _imported(cuda, name), lib=LIBRARY)

@@ -59,6 +59,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     fails. Step counts stay tensors, so ``torch.compile(optimizer.step, fullgraph=True)`` traces the
     whole step, fused or batched, and does not recompile as the count grows.
 
+    ``meta_params`` are copied: later changes to the caller's tensors do not reach the optimizer.
+
     ``horizon``, for an optimizer with a learned step schedule (phnn with ``horizon``): the number of
     steps the user's run takes, over which the schedule is stretched (default: the horizon it was
     meta-trained on). Stepping past the horizon warns once; the schedule then holds its last level.
@@ -84,7 +86,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError("fused=True and compile=True exclude each other: the fused step is not compiled")
         super().__init__(params, {"lr": lr})
         self.optimizer = optimizer
-        self.meta_params = {k: v.detach() for k, v in meta_params.items()}
+        self.meta_params = {k: v.detach().clone() for k, v in meta_params.items()}  # fixed from here on
         self._on_device: dict[tuple[torch.device, torch.dtype], MetaParams] = {}
         self._flat: dict[tuple[int, torch.device, torch.dtype], _FlatGroup] = {}
         self._update = torch.compile(optimizer.update) if compile else None

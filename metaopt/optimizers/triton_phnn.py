@@ -380,12 +380,13 @@ def phnn_step(
     updates, p_next = torch.empty_like(grad), torch.empty_like(p)
     v_next = torch.empty_like(v) if settings["normalize"] else p_next
     n = grad.numel()
-    if n:  # no launch for no coordinates
-        _phnn_step_kernel[(triton.cdiv(n, BLOCK),)](
-            grad, p, v, updates, p_next, v_next, weights, scalars, n,
-            settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
-            settings["one_minus_beta"], **kernel_constants(settings),
-        )  # fmt: skip
+    if n:  # no launch for no coordinates; on the tensors' GPU, not the current one
+        with torch.cuda.device_of(grad):
+            _phnn_step_kernel[(triton.cdiv(n, BLOCK),)](
+                grad, p, v, updates, p_next, v_next, weights, scalars, n,
+                settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
+                settings["one_minus_beta"], **kernel_constants(settings),
+            )  # fmt: skip
     return updates, [p_next, v_next] if settings["normalize"] else [p_next]
 
 
@@ -422,11 +423,12 @@ def phnn_step_backward(
     grad_p_out = torch.empty_like(p)
     partial = torch.empty(programs, sums, dtype=torch.float32, device=grad.device)  # every entry is written
     if n:
-        _phnn_step_backward_kernel[(programs,)](
-            grad, p, v, grad_update.contiguous(), grad_p.contiguous(), grad_p_out, weights, scalars, partial, n,
-            settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
-            settings["one_minus_beta"], HIDDEN=constants["HIDDEN"], PREPROCESS=constants["PREPROCESS"],
-            NORMALIZE=constants["NORMALIZE"], FEATURES=constants["FEATURES"],
-            **{key: constants[key] for key in _OFFSETS}, SUMS=sums, BLOCK=BLOCK,
-        )  # fmt: skip
+        with torch.cuda.device_of(grad):
+            _phnn_step_backward_kernel[(programs,)](
+                grad, p, v, grad_update.contiguous(), grad_p.contiguous(), grad_p_out, weights, scalars, partial, n,
+                settings["threshold"], settings["log_divisor"], settings["small_scale"], settings["beta"],
+                settings["one_minus_beta"], HIDDEN=constants["HIDDEN"], PREPROCESS=constants["PREPROCESS"],
+                NORMALIZE=constants["NORMALIZE"], FEATURES=constants["FEATURES"],
+                **{key: constants[key] for key in _OFFSETS}, SUMS=sums, BLOCK=BLOCK,
+            )  # fmt: skip
     return grad_p_out, partial.sum(0, dtype=torch.float64)
