@@ -4,7 +4,7 @@
    per-coordinate computation in one pass: read the gradient, the parameter and the state p, write
    the parameter and p (state[0], [total, dim]).
 
-   options: Options below. weights: packed by HNNSeed._fused_inputs in weight_layout's order. */
+   options: Options below. weights: packed by HNNSeed.fused_weights in weight_layout's order. */
 
 #include "fused_common.h"
 

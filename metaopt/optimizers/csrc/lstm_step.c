@@ -12,7 +12,7 @@
    is one vector operation and the weights are scalars broadcast across the lanes.
 
    state: hc [total, layers, 2, hidden] (h, then c, of each layer).
-   options: Options below. weights: packed by CoordinatewiseLSTM._fused_inputs in weights_at's order. */
+   options: Options below. weights: packed by CoordinatewiseLSTM.fused_weights in weights_at's order. */
 
 #include "fused_common.h"
 

@@ -15,7 +15,7 @@
    (e^10 g below e^-10), and the energy is averaged over ±p.
 
    state: p [total] (and v [total] with normalize).
-   options: Options below. weights: packed by PHNN._fused_inputs in weight_layout's order. */
+   options: Options below. weights: packed by PHNN.fused_weights in weight_layout's order. */
 
 #include "fused_common.h"
 
