@@ -41,6 +41,7 @@ def summary_frame(results: Sequence[Result]) -> pd.DataFrame:
         final = result.final_losses.double()
         finite = torch.isfinite(final)
         mean = float(final.mean()) if finite.all() else math.inf
+        std = float(final[finite].std()) if finite.sum() > 1 else math.nan
         spec = result.optimizer.spec()
         rows.append(
             {
@@ -50,10 +51,8 @@ def summary_frame(results: Sequence[Result]) -> pd.DataFrame:
                 "runs": final.numel(),
                 "steps": result.losses.shape[1] - 1,
                 "final_loss_mean": mean,
-                "final_loss_std": float(final[finite].std()) if finite.sum() > 1 else math.nan,
-                "final_loss_sem": float(final[finite].std()) / math.sqrt(final.numel())
-                if finite.sum() > 1
-                else math.nan,
+                "final_loss_std": std,
+                "final_loss_sem": std / math.sqrt(final.numel()),
                 "final_loss_median": float(final[finite].median()) if finite.any() else math.nan,
                 "log10_mean_final_loss": math.log10(mean) if 0 < mean < math.inf else math.nan,
                 "diverged_runs": int((~finite).sum()),
