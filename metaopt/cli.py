@@ -11,7 +11,7 @@ import yaml
 from metaopt import __version__
 from metaopt.config import ConfigError, DistributedConfig, load_config
 from metaopt.meta.checkpoint import CheckpointError
-from metaopt.tasks import DataNotFoundError
+from metaopt.tasks import DataNotFoundError, TaskFactoryError
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -30,6 +30,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from metaopt.evaluate import Candidate, default_output_dir, stretched_to, with_options
     from metaopt.meta import MetaTrainer, load_checkpoint
+    from metaopt.meta.checkpoint import resume_paths, trained_on
     from metaopt.pipeline import compare_track_register, gradient_source
 
     config = load_config(args.config, args.set)
@@ -42,16 +43,16 @@ def _train(args: argparse.Namespace) -> int:
         config.tracking.register_as = args.register
     if args.no_tracking:
         config.tracking.enabled = False
-    if args.resume:
-        resume = Path(args.resume)
-        run_dir = resume.parent.parent if (resume / "spec.json").exists() else resume
+    output = Path(args.output) if args.output else None
+    if args.resume:  # checked before anything is written
+        resume, run_dir = resume_paths(Path(args.resume), output)
     else:
-        run_dir = Path(args.output) if args.output else default_output_dir(config, Path(args.config).stem, "train")
+        run_dir = output or default_output_dir(config, Path(args.config).stem, "train")
     with gradient_source(config, args.address) as source:
         trainer = MetaTrainer(config, run_dir, gradient_source=source)
         if args.resume:
-            trainer.resume(Path(args.resume))
-            print(f"metaopt train: resuming {run_dir} at meta-step {trainer.meta_step}")
+            trainer.resume(resume)
+            print(f"metaopt train: resuming {resume} at meta-step {trainer.meta_step}, writing to {run_dir}")
         where = (
             f"on Ray with {config.distributed.workers} {config.distributed.mode} worker(s)"
             if source
@@ -100,14 +101,14 @@ def _train(args: argparse.Namespace) -> int:
         title,
         tracker,
         register,
-        tags={"task": config.task.kind, "heldout_loss": trainer.best_heldout},
+        tags={"task": trained_on(best_spec), "heldout_loss": trainer.best_heldout},
         artifacts=[(checkpoint, f"checkpoints/{checkpoint.name}"), (run_dir / "metrics.parquet", None)],
         show_progress=not args.no_progress,
     )
     print(outcome.table)
     print(f"results: {run_dir} (checkpoints/, metrics.parquet, evaluation/)")
     if tracker:
-        _print_tracking(tracker, config, run_dir, outcome)
+        _print_tracking(tracker, config, run_dir, outcome, trained_on(best_spec))
     return 0
 
 
@@ -201,9 +202,9 @@ def _metrics_sink(tracker, print_validation: bool):
     return sink
 
 
-def _print_tracking(tracker, config, run_dir: Path, outcome) -> None:
-    """Where the run's MLflow writes went, and how to load (or register) its optimizer."""
-    uri, default_uri = tracker.tracking_uri, _default_uri()
+def _print_tracking(tracker, config, run_dir: Path, outcome, trained: str) -> None:
+    """Where the run's MLflow writes went, and how to load (or register) its optimizer, meta-trained on ``trained``."""
+    uri = tracker.tracking_uri
     name, alias = config.tracking.register_as, config.tracking.alias
     register_later = f"`metaopt registry --tracking-uri {uri} register {tracker.run_id or 'RUN_ID'} {name}`"
     if tracker.buffered:
@@ -220,17 +221,18 @@ def _print_tracking(tracker, config, run_dir: Path, outcome) -> None:
             file=sys.stderr,
         )
     elif outcome.registered_version is not None:
+        source = f"models:/{name}@{alias}"
         print(
-            f"registered {name} version {outcome.registered_version} (models:/{name}@{alias}); train your own "
-            f"model with it:\n  import metaopt; opt = metaopt.load_optimizer('models:/{name}@{alias}', "
-            "model.parameters())" + ("" if uri == default_uri else f"  # with MLFLOW_TRACKING_URI={uri}")
+            f"registered {name} version {outcome.registered_version} ({source}) at {uri}, meta-trained on "
+            f"{trained}; load it with:\n  import metaopt; opt = metaopt.load_optimizer({source!r}, "
+            f"model.parameters(), tracking_uri={uri!r})"
         )
-
-
-def _default_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
+        if not trained.startswith("a mixture"):
+            print(
+                f"It suits tasks like those it was meta-trained on ({trained}); for your own models, start from "
+                "the optimizer meta-trained on a task mixture: metaopt.load_optimizer('pretrained:general', "
+                "model.parameters(), horizon=<your run's steps>)"
+            )
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -270,8 +272,9 @@ def _registry(args: argparse.Namespace) -> int:
             aliases = ", ".join(f"@{a} → {v}" for a, v in sorted(row["aliases"].items()))
             print(f"| {row['name']} | {row['versions']} | {row['latest_version']} | {aliases} |")
     elif args.action == "show":
+        rows = registry.show_model(args.name, uri)
         print("| version | aliases | task | heldout_loss | run |\n|---|---|---|---|---|")
-        for row in registry.show_model(args.name, uri):
+        for row in rows:
             tags = row["tags"]
             print(
                 f"| {row['version']} | {', '.join('@' + a for a in row['aliases'])} | {tags.get('task', '')} | "
@@ -472,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs a parsed command; a bad config, missing data or an unreachable server is one error line and exit 2."""
     try:
         return args.handler(args)
-    except (ConfigError, DataNotFoundError, CheckpointError, ConnectionError, LookupError) as error:
+    except (ConfigError, DataNotFoundError, TaskFactoryError, CheckpointError, ConnectionError, LookupError) as error:
         print(f"metaopt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from metaopt.optimizers import LEARNED, OPTIMIZERS, optimizer_options
+from metaopt.tasks.module import load_factory
 
 Model = typing.TypeVar("Model", bound=BaseModel)
 
@@ -69,6 +70,12 @@ class ModuleTaskConfig(StrictModel):
     kind: Literal["module"] = "module"
     factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     batch_size: int = Field(32, ge=1)
+
+    @field_validator("factory")
+    @classmethod
+    def _importable(cls, factory: str) -> str:
+        load_factory(factory)  # a missing module or function is an error of the config, found when it loads
+        return factory
 
 
 Choices = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
@@ -503,10 +510,21 @@ def repeated(names: list[str]) -> list[str]:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU."""
+    """``auto`` is CUDA when present, else CPU; a device this machine does not have raises ``ConfigError``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device: {device}, but torch finds no CUDA GPU on this machine (torch.cuda.is_available() is False); "
+            "use device: auto (CUDA where present, else CPU) or cpu"
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -515,7 +533,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE such as evaluate.runs=10; got {override!r}")
-        set_path(data, key, yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", None) or error).splitlines()[0]
+            raise ConfigError(
+                f"--set {override}: {raw!r} is not a YAML value ({problem}); close brackets and quotes, "
+                "e.g. --set 'train.episode_lengths=[50, 100]' or --set 'evaluate.optimizers=[{kind: adam}]'"
+            ) from None
+        set_path(data, key, value)
     return data
 
 
@@ -558,9 +584,14 @@ def read_yaml_mapping(path: Path, what: str, sections: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; they ship in jobs/configs/")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections ({sections}), not {type(data).__name__}")
     return data

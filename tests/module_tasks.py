@@ -31,3 +31,13 @@ def small_cnn() -> ModuleTaskSpec:
         )
 
     return ModuleTaskSpec(model=model, inputs=images, targets=labels, loss=nn.functional.cross_entropy)
+
+
+def unreachable_data() -> ModuleTaskSpec:
+    """A factory that fails, as one whose dataset cannot be fetched does."""
+    raise RuntimeError("the dataset server did not answer")
+
+
+def not_a_task() -> dict:
+    """A factory that returns something other than a ``ModuleTaskSpec``."""
+    return {"model": nn.Linear(2, 1)}

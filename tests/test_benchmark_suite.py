@@ -25,6 +25,7 @@ from metaopt.benchmark import (
     run_learned,
     smoothed,
     speedup,
+    speedup_figure,
 )
 from metaopt.meta.checkpoint import save_checkpoint
 from metaopt.optimizers import make_optimizer
@@ -157,6 +158,29 @@ def test_speedup_counts_the_steps_the_best_baseline_needs():
     assert speedup(0.05, tuned, longer, steps, cap) == (reached / steps, False) and reached > steps
     assert speedup(-1.0, tuned, longer, steps, cap) == (4.0, True)  # never reached: the cap, flagged
     assert speedup(math.inf, tuned, longer, steps, cap) == (0.1, False)  # a diverged optimizer: reached at once
+
+
+def test_the_speedup_plot_labels_its_axis_and_shows_every_value_one_included():
+    """Speedups within one decade: the log axis still has labelled ticks besides 1; a speedup of exactly 1 (no
+    bar) still has its dot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    results = pd.DataFrame(
+        {
+            "task": ["iris", "iris", "wine", "wine"],
+            "optimizer": ["adam", "learned", "adam", "learned"],
+            "speedup": [1.0, 1.6, 1.0, 0.7],
+            "speedup_capped": [False, False, False, True],
+        }
+    )
+    figure = speedup_figure(results, "two tasks")
+    FigureCanvasAgg(figure).draw()
+    [axes] = figure.axes
+    low, high = axes.get_ylim()
+    labels = [t.get_text() for t in axes.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(labels) >= 2 and "1" in labels, labels
+    dots = np.concatenate([collection.get_offsets() for collection in axes.collections])
+    assert sorted(map(tuple, dots.round(3).tolist())) == sorted([(-0.2, 1.0), (0.2, 1.6), (0.8, 1.0), (1.2, 0.7)])
 
 
 def test_final_loss_averages_the_last_tenth_of_the_steps_and_scores_divergence_inf():

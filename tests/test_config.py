@@ -1,10 +1,14 @@
 """Every kind of bad config value fails before work starts, naming the field and what is allowed."""
 
 import copy
+import re
 
 import pytest
+import torch
 import yaml
+from conftest import REPO_ROOT
 
+from metaopt.cli import main
 from metaopt.config import ConfigError, apply_overrides, load_config, validate_config
 
 VALID = {
@@ -153,6 +157,67 @@ def test_unreadable_files(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listing)
+
+
+TRAIN = str(REPO_ROOT / "jobs" / "configs" / "train_quadratic_phnn.yaml")
+IN_PROCESS = ["--set", "distributed=null", "--no-tracking", "--no-progress"]
+
+
+def module_task(factory: str) -> list[str]:
+    return ["--set", f"task={{kind: module, factory: '{factory}'}}"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", TRAIN, "--set", "train.meta_steps=[1"],
+            r"--set train.meta_steps=\[1: '\[1' is not a YAML value \(expected ',' or '\]', but got '<stream end>'\)",
+        ),
+        (["train", "latin1.yaml"], r"config file latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 29\)"),
+        (
+            ["train", TRAIN, *module_task("nosuch.module:fn"), *IN_PROCESS],
+            r"task.factory: task factory 'nosuch.module:fn': cannot import 'nosuch.module'",
+        ),
+        (
+            ["train", TRAIN, *module_task("module_tasks:unreachable_data"), *IN_PROCESS],
+            r"task.factory 'module_tasks:unreachable_data' raised RuntimeError: the dataset server did not answer",
+        ),
+        (
+            ["train", TRAIN, *module_task("module_tasks:not_a_task"), *IN_PROCESS],
+            r"task.factory 'module_tasks:not_a_task' returned a dict, not a metaopt.tasks.ModuleTaskSpec",
+        ),
+        (
+            ["registry", "--tracking-uri", "sqlite:///registry.db", "register", "pretrained:general", "bad name/x"],
+            r"cannot register 'bad name/x': Invalid model name 'bad name/x'. Names cannot contain '/' or ':'",
+        ),
+        (
+            ["registry", "--tracking-uri", "sqlite:///registry.db", "register", "listed", "general"],
+            r"checkpoint listed is corrupt: spec.json holds a JSON list, not an object",
+        ),
+    ]
+    + [
+        (
+            ["train", TRAIN, "--set", "device=cuda", *IN_PROCESS],
+            r"device: cuda, but torch finds no CUDA GPU on this machine",
+        )
+    ]
+    * (not torch.cuda.is_available()),
+    ids=["set-yaml", "not-utf8", "factory-import", "factory-raises", "factory-returns", "model-name", "spec-list"]
+    + ["no-gpu"] * (not torch.cuda.is_available()),
+)
+def test_bad_input_is_one_error_naming_it(argv, message, tmp_path, monkeypatch, capsys):
+    """What `metaopt` prints for each, and that it writes nothing: no run folder, no MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("task:\n  kind: quadratic\n# caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "spec.json").write_text("[1, 2]")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"metaopt {argv[0]}: error: ") and re.search(message, error), error
+    assert len(error.splitlines()) <= 2, error  # an invalid config's heading, then its one field
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_every_shipped_config_is_valid():

@@ -209,6 +209,21 @@ def test_requests_the_cluster_cannot_meet_fail_before_any_worker_starts(ray_clus
             pass
 
 
+def test_what_a_workers_setup_finds_wrong_is_raised_as_itself_and_the_workers_stop(ray_cluster):
+    """A task factory failing on the workers (here ``builtins:dict``, importable everywhere, returns no task): the
+    learner raises the worker's own error, not Ray's actor-death traceback, and kills the workers."""
+    from ray.util.state import list_actors
+
+    from metaopt.tasks import TaskFactoryError
+
+    with pytest.raises(TaskFactoryError, match=r"^task.factory 'builtins:dict' returned a dict, not a metaopt"):
+        with ray_workers(config(task={"kind": "module", "factory": "builtins:dict"}), ray_cluster.address):
+            pass
+    with ray_workers(config(), ray_cluster.address):  # only the new group's worker is alive
+        alive = list_actors(filters=[("class_name", "=", "RolloutWorker"), ("state", "=", "ALIVE")])
+        assert len(alive) == 1
+
+
 def test_batch_must_split_evenly_across_workers():
     with pytest.raises(ConfigError, match=r"train.batch_size \(4\) must be a multiple of distributed.workers \(3\)"):
         config(distributed={"workers": 3})

@@ -1,6 +1,10 @@
 """Meta-training: estimators, exact resume, non-finite skipping, checkpoints, and `metaopt train`."""
 
 import math
+import re
+import shutil
+import zipfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -190,6 +194,76 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         load_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match="not a metaopt checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def flip_a_byte(file: Path) -> None:
+    """Damage ``file`` as a disk can, where no format check sees it: one byte of tensor data flipped (the last
+    byte of a safetensors file; one in the largest tensor record of torch.save's zip)."""
+    data = bytearray(file.read_bytes())
+    offset = len(data) - 1
+    if zipfile.is_zipfile(file):
+        with zipfile.ZipFile(file) as archive:
+            record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        name_and_extra = int.from_bytes(data[record.header_offset + 26 : record.header_offset + 28], "little")
+        name_and_extra += int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")
+        offset = record.header_offset + 30 + name_and_extra + record.file_size // 2
+    data[offset] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_every_checkpoint_records_its_files_sha256_and_every_load_checks_it(tmp_path):
+    trainer = MetaTrainer(train_config(meta_steps=3), tmp_path / "run")
+    checkpoint = trainer.train(show_progress=False)
+    for damaged, load in (
+        ("optimizer.safetensors", load_checkpoint),
+        ("trainer_state.pt", lambda path: MetaTrainer(train_config(meta_steps=3), tmp_path / "run").resume(path)),
+    ):
+        copy = shutil.copytree(checkpoint, tmp_path / "copies" / damaged)
+        load(copy)  # intact: loads
+        flip_a_byte(copy / damaged)
+        with pytest.raises(CheckpointError, match=f"{damaged} does not match its recorded SHA-256"):
+            load(copy)
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_writes_only_into_its_run_or_the_output_it_names(tmp_path, capsys, monkeypatch):
+    """A copy of a run's best checkpoint is no run: --resume refuses it before writing a byte, unless
+    --output names where the continued run goes."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(train_config(meta_steps=3).model_dump(mode="json", exclude_none=True)))
+    train = ["train", str(config), "--no-tracking", "--no-progress"]
+    assert main([*train, "--output", str(tmp_path / "run")]) == 0
+    copy = tmp_path / "copy" / "best"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "best", copy)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("someone else's")
+    capsys.readouterr()
+    before = files_under(tmp_path)
+    for resume, output, error in (
+        (copy, None, "not inside a metaopt run folder .* pass --output DIR"),
+        (tmp_path / "copy", None, "not a metaopt run folder .* nor a checkpoint folder"),
+        (copy, tmp_path / "taken", "--output .*taken already holds files"),
+    ):
+        assert main([*train, "--resume", str(resume), *(["--output", str(output)] if output else [])]) == 2
+        assert re.search(error, capsys.readouterr().err)
+        assert files_under(tmp_path) == before
+
+    out = tmp_path / "continued"
+    step = load_checkpoint(copy)[2]["meta_step"]
+    assert main([*train, "--resume", str(copy), "--output", str(out), "--set", "train.meta_steps=5"]) == 0
+    assert f"resuming {copy} at meta-step {step}, writing to {out}" in capsys.readouterr().out
+    after = files_under(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("continued/")} == before
+    assert load_checkpoint(out / "checkpoints" / "meta_step_000005")[2]["meta_step"] == 5
+    assert (out / "checkpoints" / "best").is_dir() and (out / "evaluation").is_dir()
+
+    # A run's own checkpoint continues in that run, as before.
+    assert main([*train, "--resume", str(tmp_path / "run" / "checkpoints" / "meta_step_000003")]) == 0
+    assert f"writing to {tmp_path / 'run'}" in capsys.readouterr().out
 
 
 def test_only_complete_checkpoints_are_kept(tmp_path):

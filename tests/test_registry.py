@@ -7,6 +7,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +23,7 @@ from test_tracking import fit, fresh_mlflow_globals, train_cli  # noqa: F401 - f
 from torch import nn
 
 import metaopt
+from metaopt.benchmark import resolve_learned
 from metaopt.cli import main as metaopt_main
 from metaopt.meta.checkpoint import WEIGHTS, CheckpointError, save_checkpoint
 from metaopt.optimizers import make_optimizer
@@ -73,19 +76,59 @@ def negate(weights_file) -> None:
     save_file({name: -tensor for name, tensor in load_file(weights_file).items()}, str(weights_file))
 
 
+@pytest.fixture
+def busy_machine():
+    """Every core kept busy by a process of its own (stopped by PID afterwards): a loaded machine."""
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    yield
+    for burner in burners:
+        burner.kill()
+        burner.wait()
+
+
 @pytest.mark.parametrize("port", ["closed_port", "silent_port"])
-def test_a_server_that_does_not_answer_fails_fast(port, request, monkeypatch):
-    """With metaopt's bounded HTTP retries (MLflow's own wait minutes): a refused connection, and one that
-    is accepted and never answered."""
+def test_a_server_that_does_not_answer_fails_fast_however_loaded_the_machine(port, request, busy_machine, monkeypatch):
+    """With metaopt's bounded HTTP retries and its deadline for the whole load (MLflow's own retries wait
+    minutes): a refused connection, and one that is accepted and never answered, with every core busy."""
     for key in HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     uri = f"http://127.0.0.1:{request.getfixturevalue(port)}"
     start = time.monotonic()
     with pytest.raises(
-        RegistryError, match=f"server at {re.escape(uri)} cannot be reached.*is running.*MLFLOW_TRACKING_URI"
+        RegistryError,
+        match=f"server at {re.escape(uri)} (cannot be reached|did not answer within 2[56] s).*is running.*"
+        "MLFLOW_TRACKING_URI",
     ):
         metaopt.load_optimizer("models:/any-phnn@production", nn.Linear(2, 1).parameters(), tracking_uri=uri)
     assert time.monotonic() - start < 30
+
+
+def test_a_tracking_uri_given_by_hand_is_the_registry_of_every_read(mlflow_server, tmp_path, monkeypatch, capsys):
+    """load_optimizer(tracking_uri=...), `registry --tracking-uri ... pull` and benchmark's sources, in a process
+    whose MLflow globals are unset: all of it from the server named, nothing from the default store (no
+    mlflow.db appears in the working folder)."""
+    uri = mlflow_server.uri
+    register = ["registry", "--tracking-uri", uri, "register", "pretrained:general", "by-hand", "--alias", "prod"]
+    assert metaopt_main(register) == 0
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # as in a new process
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def fresh_cache(name: str) -> None:  # nothing cached: every source below is downloaded
+        monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / name))
+
+    fresh_cache("load")
+    metaopt.load_optimizer("models:/by-hand@prod", nn.Linear(2, 1).parameters(), tracking_uri=uri)
+    fresh_cache("pull")
+    assert metaopt_main(["registry", "--tracking-uri", uri, "pull", "by-hand@prod", "pulled"]) == 0
+    fresh_cache("benchmark")
+    assert resolve_learned("models:/by-hand/1", uri).folder.is_dir()
+    assert (tmp_path / "pulled" / WEIGHTS).is_file()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
 def test_the_registry_commands_fail_fast_without_a_server(closed_port, tmp_path, monkeypatch, capsys):
@@ -125,7 +168,7 @@ def test_loads_are_cached_by_version_verified_every_time_and_leave_no_temporary_
     assert metaopt_main(["registry", "--tracking-uri", uri, "register", run_id, "cached-phnn"]) == 0
     digest = MlflowClient(uri).get_model_version("cached-phnn", "1").tags[DIGEST_TAG]
     best = tmp_path / "checkpoints" / "best"
-    assert digest == weights_sha256(best) and "sha256" not in json.loads((best / "spec.json").read_text())
+    assert digest == weights_sha256(best) == json.loads((best / "spec.json").read_text())["sha256"]
 
     params = list(nn.Linear(10, 1).parameters())
     metaopt.load_optimizer("models:/cached-phnn@latest", params, tracking_uri=uri)
@@ -206,6 +249,8 @@ def test_the_shipped_optimizer_registers_with_one_command_and_loads_from_the_reg
     version = client.get_model_version_by_alias("general", "production")
     shipped = resolve_checkpoint("pretrained:general")
     assert version.tags["source"] == "pretrained:general" and version.tags[DIGEST_TAG] == weights_sha256(shipped)
+    assert metaopt_main(["registry", "--tracking-uri", uri, "show", "general"]) == 0
+    assert "| 1 | @production | a mixture of image_mlp, image_cnn, " in capsys.readouterr().out  # from its spec
     assert client.get_run(version.run_id).data.params["kind"] == "phnn"
     with mlflow.start_run() as run:  # the caller's active experiment is left as it was
         assert client.get_experiment(run.info.experiment_id).name == "Default"

@@ -26,6 +26,7 @@ def fresh_mlflow_globals(monkeypatch, tmp_path):
     next through MLflow's globals."""
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
 
@@ -54,6 +55,8 @@ def test_a_tracked_run_is_registered_promoted_pulled_and_trains_a_torch_model(ml
     assert train_cli("--output", str(tmp_path / "run"), "--tracking-uri", uri, "--register", "tiny-phnn") == 0
     out = capsys.readouterr().out
     assert "registered tiny-phnn version" in out and "metaopt.load_optimizer('models:/tiny-phnn@latest'" in out
+    assert f"at {uri}, meta-trained on quadratic" in out and f"tracking_uri={uri!r}" in out
+    assert "for your own models, start from the optimizer meta-trained on a task mixture" in out  # not quadratics
 
     client = MlflowClient(uri)
     run_id = (tmp_path / "run" / "mlflow_run.json").read_text().split('"run_id": "')[1].split('"')[0]
@@ -80,6 +83,9 @@ def test_a_tracked_run_is_registered_promoted_pulled_and_trains_a_torch_model(ml
     assert metaopt_main(["registry", "--tracking-uri", uri, "promote", "tiny-phnn", "1", "candidate"]) == 0
     assert metaopt_main(["registry", "--tracking-uri", uri, "show", "tiny-phnn"]) == 0
     assert "| 1 | @candidate | quadratic |" in capsys.readouterr().out
+    assert metaopt_main(["registry", "--tracking-uri", uri, "show", "nosuch"]) == 2
+    shown = capsys.readouterr()
+    assert shown.out == "" and "no registered model 'nosuch'" in shown.err  # the error alone, no table header
     assert (
         metaopt_main(["registry", "--tracking-uri", uri, "pull", "tiny-phnn@candidate", str(tmp_path / "pulled")]) == 0
     )

@@ -29,10 +29,10 @@ from contextlib import contextmanager
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, RayActorError
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from metaopt.config import Config, ConfigError, DistributedConfig
-from metaopt.distributed.worker import RolloutWorker, flatten, unflatten
+from metaopt.distributed.worker import SETUP_ERRORS, RolloutWorker, flatten, unflatten
 from metaopt.meta.estimators import Estimate
 from metaopt.meta.trainer import training_data
 from metaopt.optimizers import MetaParams
@@ -111,7 +111,13 @@ class WorkerGroup:
         self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # async: ref -> (worker, version)
         self.idle = set(self.alive)
         self.failures = self.stale_dropped = 0
-        ray.get([w.where.remote() for w in self.workers])  # constructed (data loaded) before the clock starts
+        try:
+            ray.get([w.where.remote() for w in self.workers])  # constructed (data loaded) before the clock starts
+        except RayTaskError as error:
+            self.close()
+            if isinstance(error.cause, SETUP_ERRORS):
+                raise error.cause from None
+            raise
 
     # --- GradientSource -------------------------------------------------------------------------
 

@@ -14,9 +14,14 @@ import warnings
 import numpy as np
 import torch
 
-from metaopt.config import resolve_device, validate_config
+from metaopt.config import ConfigError, resolve_device, validate_config
 from metaopt.meta.trainer import share_estimator, to_device, training_tasks
 from metaopt.optimizers import MetaParams
+from metaopt.tasks import DataNotFoundError, TaskFactoryError
+
+# What a worker's own setup can find wrong with the config or its machine (a device, data, a task factory): kept
+# and raised by ``where``, so the learner reports it in one line instead of Ray's actor-death traceback.
+SETUP_ERRORS = (ConfigError, DataNotFoundError, TaskFactoryError)
 
 
 def flatten(meta_params: MetaParams) -> np.ndarray:
@@ -54,6 +59,13 @@ class RolloutWorker:
     """
 
     def __init__(self, config_data: dict, worker: int, workers: int, data, num_threads: int):
+        self.setup_error: Exception | None = None
+        try:
+            self._setup(config_data, worker, workers, data, num_threads)
+        except SETUP_ERRORS as error:
+            self.setup_error = error
+
+    def _setup(self, config_data: dict, worker: int, workers: int, data, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
         torch.set_flush_denormal(True)  # as MetaTrainer: subnormal floats are slow on x86 CPUs
         config = validate_config(config_data, source="the learner's config")
@@ -108,7 +120,9 @@ class RolloutWorker:
         self.estimator.load_state_dict(to_device(saved, self.device))
 
     def where(self) -> tuple[int, str]:
-        """This worker's process ID and Ray node ID."""
+        """This worker's process ID and Ray node ID; what its setup found wrong, raised."""
         import ray
 
+        if self.setup_error is not None:
+            raise self.setup_error
         return os.getpid(), ray.get_runtime_context().get_node_id()

@@ -190,7 +190,9 @@ class MetaTrainer:
         """Meta-train until ``train.meta_steps``; return the final checkpoint (``best_checkpoint``
         holds the one with the lowest validation loss). ``on_checkpoint`` sees every periodic one."""
         train = self.config.train
-        if self.meta_step == 0:  # the initialisation competes for best too
+        if self.meta_step == 0 or not self.best_checkpoint.is_dir():
+            # The initialisation competes for best too; a run resumed into a new folder (--output, a PBT
+            # exploit) starts its own best from where it resumed.
             self.best_heldout = self.heldout_loss()
             self.save(name=BEST)
         bar = tqdm(
@@ -243,7 +245,11 @@ class MetaTrainer:
                 "meta_optimizer": self.meta_optimizer.state_dict(),
                 "estimator": self.estimator.state_dict(),
             },
-            extra_spec={"task": self.config.task.model_dump(), "train": self.config.train.model_dump()},
+            extra_spec={
+                "task": self.config.task.model_dump(),
+                "train": self.config.train.model_dump(),
+                **({"heldout_loss": self.best_heldout} if name == BEST else {}),
+            },
             keep=self.config.train.keep_checkpoints,
             name=name,
         )

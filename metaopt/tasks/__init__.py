@@ -13,7 +13,7 @@ from metaopt.tasks import families
 from metaopt.tasks.base import Optimizees, Split, TaskFamily, optimizee_seeds
 from metaopt.tasks.data import DataNotFoundError, load_mnist, mnist_half
 from metaopt.tasks.mlp import MnistMLP
-from metaopt.tasks.module import ModuleTask, ModuleTaskSpec, load_factory
+from metaopt.tasks.module import ModuleTask, ModuleTaskSpec, TaskFactoryError, call_factory
 from metaopt.tasks.quadratic import Quadratic
 
 IMAGE_KINDS = ("image_mlp", "image_cnn")  # sampled kinds on MNIST images; the others generate their data
@@ -42,7 +42,7 @@ def make_task(config, half: Split, device: torch.device | str = "cpu", data=None
             data=data,
         )
     if config.kind == "module":
-        return ModuleTask(load_factory(config.factory)(), config.batch_size, half, device)
+        return ModuleTask(call_factory(config.factory), config.batch_size, half, device)
     if config.kind in SAMPLED_KINDS:
         choice = config.choose(seed)
         batch_size = choice.pop("batch_size")
@@ -121,6 +121,7 @@ __all__ = [
     "Optimizees",
     "Quadratic",
     "Split",
+    "TaskFactoryError",
     "TaskFamily",
     "TaskMixture",
     "make_task",

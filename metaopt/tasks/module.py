@@ -32,6 +32,25 @@ class ModuleTaskSpec:
     loss: Callable[[Tensor, Tensor], Tensor]
 
 
+class TaskFactoryError(ValueError):
+    """A task factory raised, or returned something other than a ``ModuleTaskSpec``."""
+
+
+def call_factory(path: str) -> ModuleTaskSpec:
+    """The ``ModuleTaskSpec`` that the function at ``path`` returns; ``TaskFactoryError`` names it otherwise."""
+    factory = load_factory(path)
+    try:
+        spec = factory()
+    except Exception as error:
+        raise TaskFactoryError(f"task.factory {path!r} raised {type(error).__name__}: {error}") from error
+    if not isinstance(spec, ModuleTaskSpec):
+        raise TaskFactoryError(
+            f"task.factory {path!r} returned a {type(spec).__name__}, not a metaopt.tasks.ModuleTaskSpec "
+            "(model, inputs, targets, loss)"
+        )
+    return spec
+
+
 def load_factory(path: str) -> Callable[[], ModuleTaskSpec]:
     """The function at ``package.module:function``, with errors that say what is missing."""
     module_name, _, function_name = path.partition(":")

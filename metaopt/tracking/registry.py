@@ -9,6 +9,9 @@ never the deprecated stages. Registration records the SHA-256 of the weights (ve
 Loads are cached under ``cache_root()``, a registered model by name and version number: an alias
 is resolved on the server at every load, so a newly promoted version is picked up, while a
 version, a run's artifact or a logged model, once cached, loads with no server at all.
+
+A ``tracking_uri`` given to any function here is used for tracking and for the registry alike, and
+no global MLflow setting is read in its place.
 """
 
 from __future__ import annotations
@@ -19,12 +22,25 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from metaopt import __version__
-from metaopt.meta.checkpoint import SPEC, WEIGHTS, CheckpointError, read_spec
+from metaopt.meta.checkpoint import (
+    DIGEST_KEY,
+    SPEC,
+    STATE_DIGEST_KEY,
+    WEIGHTS,
+    CheckpointError,
+    read_spec,
+    sha256,
+    trained_on,
+    verify_file,
+)
 from metaopt.tracking.tracker import bound_http_requests
 
 MODEL_ARTIFACT = "optimizer"  # the model's name inside its run
@@ -33,8 +49,8 @@ LATEST = "latest"  # MLflow's reserved alias: always the newest version
 PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"  # optimizers shipped in the package
 DIGEST_TAG = "metaopt.sha256"  # model-version tag: the SHA-256 of the registered weights
-DIGEST_KEY = "sha256"  # the same digest in the registered checkpoint's spec.json
 ABSENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # MLflow's answers for an unknown name
+LOAD_DEADLINE_S = 25.0  # the most a load from a server may take, however slow the server or busy the machine
 
 
 class RegistryError(LookupError):
@@ -51,8 +67,66 @@ def cache_root() -> Path:
 
 def weights_sha256(checkpoint: Path) -> str:
     """The hex SHA-256 of checkpoint folder ``checkpoint``'s weights file."""
-    with open(Path(checkpoint) / WEIGHTS, "rb") as weights:
-        return hashlib.file_digest(weights, "sha256").hexdigest()
+    return sha256(Path(checkpoint) / WEIGHTS)
+
+
+def _client(tracking_uri: str | None):
+    """An ``MlflowClient`` on ``tracking_uri`` for tracking and the registry (MLflow's defaults where None)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def _point_mlflow_at(tracking_uri: str | None) -> None:
+    """MLflow's fluent API (``mlflow.pyfunc.log_model``, ``mlflow.register_model``) on ``tracking_uri`` for
+    tracking and the registry, as ``mlflow.set_tracking_uri`` sets it: for the rest of the process."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+
+
+def check_name(name: str, alias: str | None = None) -> None:
+    """Raise ``RegistryError`` unless MLflow takes ``name`` as a registered model's name and ``alias`` as an alias."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        if alias and alias.lower() != LATEST:
+            _validate_model_alias_name(alias)
+    except MlflowException as error:
+        raise RegistryError(
+            f"cannot register {name!r}" + (f" as @{alias}" if alias else "") + f": {error.message} "
+            "(a name like quadratic-phnn; an alias of letters, digits, - and _, like production)"
+        ) from None
+
+
+def _within_deadline(call: Callable[[], Path], uri: str) -> Path:
+    """``call()``'s result, or ``RegistryError`` once it has run ``LOAD_DEADLINE_S`` seconds: a server that
+    accepts connections and never answers holds only a background thread, which MLflow's own timeouts end."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, name="metaopt-registry-load", daemon=True)
+    thread.start()
+    thread.join(LOAD_DEADLINE_S)
+    if thread.is_alive():
+        raise RegistryError(
+            f"the MLflow tracking server at {uri} did not answer within {time.monotonic() - started:.0f} s; check "
+            "that it is running and that --tracking-uri (or MLFLOW_TRACKING_URI) names it (a version loaded "
+            "before, models:/NAME/VERSION, loads from the cache without it)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @contextmanager
@@ -109,8 +183,7 @@ def log_optimizer_model(
     """Log ``checkpoint`` as the run's pyfunc model; return its model URI."""
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    _point_mlflow_at(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="metaopt-model-") as folder:
         artifacts = {"checkpoint": str(_weights_only_copy(Path(checkpoint), Path(folder)))}
         artifacts |= {name: str(path) for name, path in (extra_artifacts or {}).items() if Path(path).exists()}
@@ -131,6 +204,7 @@ def _weights_only_copy(checkpoint: Path, folder: Path) -> Path:
     copy.mkdir()
     shutil.copy2(checkpoint / WEIGHTS, copy / WEIGHTS)
     spec = {**read_spec(checkpoint), DIGEST_KEY: weights_sha256(copy)}
+    spec.pop(STATE_DIGEST_KEY, None)  # the trainer state stays behind
     (copy / SPEC).write_text(json.dumps(spec, indent=2))
     return copy
 
@@ -146,11 +220,10 @@ def register_optimizer(
 
     ``latest`` is MLflow's reserved alias for the newest version: it needs no setting."""
     import mlflow
-    from mlflow import MlflowClient
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    check_name(name, alias)
+    client = _client(tracking_uri)
+    _point_mlflow_at(tracking_uri)
     with _server(client.tracking_uri):
         version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
         if alias and alias.lower() != LATEST:
@@ -169,10 +242,10 @@ def register_run(
     """Log run ``run_id``'s best checkpoint (with its config and evaluation table) as an optimizer model
     and register it as a new version of ``name``. Files come from ``run_dir`` when given, else from
     the run's artifacts."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)
+    check_name(name, alias)
+    client = _client(tracking_uri)
     with _server(client.tracking_uri), tempfile.TemporaryDirectory(prefix="metaopt-run-") as download:
         try:
             run = client.get_run(run_id)
@@ -220,12 +293,12 @@ def register_checkpoint(
     """Register ``pretrained:NAME`` or a checkpoint folder as a new version of ``name``: logged as the
     optimizer model of a new run (named after ``source``, its spec's hyperparameters as params) in
     ``experiment``, so a registry holds optimizers that were meta-trained elsewhere."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
+    check_name(name, alias)
     checkpoint = resolve_checkpoint(source)
     spec = read_spec(checkpoint)
-    client = MlflowClient(tracking_uri)  # not mlflow.set_experiment: the caller's active experiment stays
+    client = _client(tracking_uri)  # not mlflow.set_experiment: the caller's active experiment stays
     with _server(client.tracking_uri):
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
@@ -234,19 +307,24 @@ def register_checkpoint(
         client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
         client.set_terminated(run.info.run_id)
     model_uri = log_optimizer_model(run.info.run_id, checkpoint, tracking_uri=tracking_uri)
-    tags = {"metaopt.version": __version__, "source": str(source), DIGEST_TAG: weights_sha256(checkpoint)}
+    tags = {
+        "metaopt.version": __version__,
+        "source": str(source),
+        "task": trained_on(spec),
+        **({"heldout_loss": spec["heldout_loss"]} if "heldout_loss" in spec else {}),
+        DIGEST_TAG: weights_sha256(checkpoint),
+    }
     return register_optimizer(model_uri, name, alias, tags, tracking_uri)
 
 
 def promote(name: str, version: int, alias: str, tracking_uri: str | None = None) -> None:
-    from mlflow import MlflowClient
-
     if alias.lower() == LATEST:
         raise RegistryError(
             "'latest' is MLflow's reserved alias for the newest version; choose another "
             "alias, such as candidate or production"
         )
-    client = MlflowClient(tracking_uri)
+    check_name(name, alias)
+    client = _client(tracking_uri)
     with _server(client.tracking_uri):
         _registered_version(client, name, version=str(version))
         client.set_registered_model_alias(name, alias, str(version))
@@ -254,9 +332,7 @@ def promote(name: str, version: int, alias: str, tracking_uri: str | None = None
 
 def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every registered model: name, latest version, aliases."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     rows = []
     with _server(client.tracking_uri):
         for model in client.search_registered_models():
@@ -274,9 +350,7 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
 
 def show_model(name: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every version of ``name``: version, aliases, tags, source run."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     with _server(client.tracking_uri):
         model = _model(client, name)
         versions = client.search_model_versions(f"name = '{name}'")
@@ -320,21 +394,24 @@ def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> P
         if not path.is_dir():
             raise CheckpointError(f"{path} is not a checkpoint folder, and not a models:/ or runs:/ URI")
         return _verified(path, None, f"checkpoint {path}", "pull it again")
-    from mlflow import MlflowClient
+    client = _client(tracking_uri)
+    return _within_deadline(lambda: _resolve_remote(client, text), client.tracking_uri)
 
-    client = MlflowClient(tracking_uri)
+
+def _resolve_remote(client, source: str) -> Path:
+    """``resolve_checkpoint`` of a ``models:/`` or ``runs:/`` URI through ``client``."""
     with _server(client.tracking_uri):
-        reference = text.partition(":/")[2]
-        if text.startswith("runs:/") or reference.startswith("m-"):  # a run's artifact, a logged model
-            return _cached(client, text, None)
+        reference = source.partition(":/")[2]
+        if source.startswith("runs:/") or reference.startswith("m-"):  # a run's artifact, a logged model
+            return _cached(client, source, None)
         name, _, version = reference.partition("/")
         name, _, alias = name.partition("@")
         if not (alias or version):
             raise RegistryError(
-                f"{text} names no version or alias: load models:/{name}@ALIAS or models:/{name}/VERSION"
+                f"{source} names no version or alias: load models:/{name}@ALIAS or models:/{name}/VERSION"
             )
-        if version and _entry(client, text).is_dir():  # a version never changes: no server needed
-            return _cached(client, text, None)
+        if version and _entry(client, source).is_dir():  # a version never changes: no server needed
+            return _cached(client, source, None)
         registered = _registered_version(client, name, alias, version)
         return _cached(client, f"models:/{name}/{registered.version}", registered.tags.get(DIGEST_TAG))
 
@@ -367,7 +444,7 @@ def _cached(client, source: str, expected: str | None) -> Path:
         try:
             local = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=folder, tracking_uri=client.tracking_uri
+                    artifact_uri=_artifact_uri(client, source), dst_path=folder, tracking_uri=client.tracking_uri
                 )
             )
         except (MlflowException, OSError) as error:
@@ -397,20 +474,20 @@ def _cached(client, source: str, expected: str | None) -> Path:
     return entry
 
 
+def _artifact_uri(client, source: str) -> str:
+    """Where ``source``'s files lie, asked of ``client``'s server: MLflow's download resolves a ``models:/`` URI
+    on its global registry URI, whatever registry it is given."""
+    if source.startswith("runs:/"):
+        return source
+    reference, _, path = source.removeprefix("models:/").partition("/")
+    if reference.startswith("m-"):  # a logged model
+        return "/".join(filter(None, [client.get_logged_model(reference).artifact_location, path]))
+    return client.get_model_version_download_uri(reference, path)
+
+
 def _verified(checkpoint: Path, expected: str | None, what: str, remedy: str) -> Path:
     """``checkpoint``, once its weights match ``expected``, else the digest its spec records (if any)."""
-    expected = expected or read_spec(checkpoint).get(DIGEST_KEY)
-    if not expected:  # registered before digests were recorded, or a checkpoint straight from training
-        return checkpoint
-    try:
-        actual = weights_sha256(checkpoint)
-    except OSError as error:
-        raise CheckpointError(f"{what}: cannot read {WEIGHTS} ({error})") from None
-    if actual != expected:
-        raise CheckpointError(
-            f"{what}: {WEIGHTS} does not match its registered SHA-256 (expected {expected}, "
-            f"found {actual}); the weights were altered or damaged: {remedy}"
-        )
+    verify_file(checkpoint, WEIGHTS, expected or read_spec(checkpoint).get(DIGEST_KEY), what, remedy, "registered")
     return checkpoint
 
 
