@@ -24,12 +24,19 @@ from metaopt.tasks.data import meta_split_indices
 class ModuleTaskSpec:
     """A task from a module: ``model()`` builds one optimizee's network (its initialisation is drawn from
     torch's global RNG, which metaopt seeds per optimizee), ``inputs`` and ``targets`` are the dataset
-    (examples along the first dimension) and ``loss(outputs, targets)`` is a scalar."""
+    (examples along the first dimension) and ``loss(outputs, targets)`` is a scalar.
+
+    Optionally, held-out ``validation_inputs`` and ``validation_targets`` (disjoint from the training
+    examples: what a benchmark scored on validation data evaluates) and ``metric(outputs, targets)``, a
+    scalar where higher is better (accuracy), reported beside the validation loss."""
 
     model: Callable[[], nn.Module]
     inputs: Tensor
     targets: Tensor
     loss: Callable[[Tensor, Tensor], Tensor]
+    validation_inputs: Tensor | None = None
+    validation_targets: Tensor | None = None
+    metric: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 class TaskFactoryError(ValueError):
