@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# A local Ray cluster (one head on 127.0.0.1) to submit metaopt jobs to, with Ray's token authentication on.
+# A local Ray cluster (one head, listening on 127.0.0.1 only unless --node-ip-address says otherwise) to submit
+# metaopt jobs to, with Ray's token authentication on.
 #
 #   cluster/local.sh [start] [RAY START OPTIONS...]   e.g. cluster/local.sh start --num-cpus=8 --num-gpus=1
 #   cluster/local.sh status      prints the address and the exports a client needs
 #   cluster/local.sh stop        stops only the head this script started: the process group of the PID it saved
 #
-# Environment: RAY (the ray command; default `ray` on PATH, else .venv/bin/ray), RAY_PORT (GCS port, 6379),
-# RAY_DASHBOARD_PORT (dashboard and job API, 8265), METAOPT_RAY_DIR (PID file, log, client exports, Ray temp dir).
+# Environment: RAY (the ray command; default this checkout's .venv/bin/ray, else `ray` on PATH), RAY_PORT (GCS
+# port, 6379), RAY_DASHBOARD_PORT (dashboard and job API, 8265), METAOPT_RAY_DIR (PID file, log, client exports,
+# Ray temp dir). The head runs with the folder of that ray first on its PATH, so a job's `python` is the Python
+# of the environment Ray runs in (the Quickstart's .venv), whatever the shell's PATH.
 # Authentication: the head takes the token in RAY_AUTH_TOKEN, else in the file RAY_AUTH_TOKEN_PATH, else in
 # ~/.ray/auth_token (where a local ray.init() saves one); start writes a new random token to that file if it has
 # none, and keeps the file private (mode 0600). Every client needs RAY_AUTH_MODE=token and the same token.
@@ -21,11 +24,11 @@ port=${RAY_PORT:-6379}
 dashboard_port=${RAY_DASHBOARD_PORT:-8265}
 address=http://127.0.0.1:$dashboard_port
 
-ray_command() {
-  if [[ -n ${RAY:-} ]]; then echo "$RAY"
-  elif command -v ray >/dev/null; then echo ray
+ray_command() {  # prints the path of the ray to run
+  if [[ -n ${RAY:-} ]]; then command -v "$RAY" || { echo "RAY=$RAY: no such command" >&2; return 1; }
   elif [[ -x $root/.venv/bin/ray ]]; then echo "$root/.venv/bin/ray"
-  else echo "ray not found: install this project (pip install .) or set RAY=/path/to/ray" >&2; return 1
+  elif command -v ray; then :
+  else echo "ray not found: install this project (see README.md, Quickstart) or set RAY=/path/to/ray" >&2; return 1
   fi
 }
 
@@ -75,13 +78,15 @@ authentication() {
 }
 
 info() {
+  local ray; ray=$(ray_command) && ray=${ray#"$root/"}
   echo "Ray head: $address (PID $1; log: $state/head.log)"
   echo "A \`ray job\` client needs, in its shell (or: . $client_env):"
   sed 's/^/  /' "$client_env"
-  echo "Submit a job from $root:"
-  echo "  ray job submit --working-dir . -- python jobs/meta_train.py \\"
-  echo "      --config jobs/configs/train_mnist_sigmoid_phnn.yaml --set distributed.workers=2 --set task.data.root=$root/data"
-  echo "Follow / stop a job: ray job logs JOB_ID --follow; ray job stop JOB_ID"
+  echo "Submit a job from $root (its run folder and MLflow store: absolute paths, or a server):"
+  echo "  $ray job submit --working-dir . -- python jobs/meta_train.py \\"
+  echo "      --config jobs/configs/train_mnist_sigmoid_phnn.yaml --set distributed.workers=2 \\"
+  echo "      --set task.data.root=$root/data --output $root/runs/train/mnist-phnn --tracking-uri sqlite:///$root/mlflow.db"
+  echo "Follow / stop a job: $ray job logs JOB_ID --follow; $ray job stop JOB_ID"
   echo "Stop the head: $0 stop"
 }
 
@@ -95,8 +100,12 @@ start() {
   mkdir -p "$state"
   authentication
   # --block keeps `ray start` in the foreground as the parent of GCS, raylet and dashboard; a new session makes
-  # it the leader of its own process group, so `stop` signals exactly these processes.
-  "${new_session[@]}" env "${head_env[@]}" "$ray" start --head --block --disable-usage-stats \
+  # it the leader of its own process group, so `stop` signals exactly these processes. PATH: a job's `python` is
+  # the one beside this ray. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (single-node Ray, as on macOS) keeps the node's
+  # IP 127.0.0.1, which Ray otherwise replaces with the machine's: every Ray server of the head then listens on
+  # loopback only (measured in cluster/README.md); an explicit --node-ip-address=IP still opens it to other nodes.
+  "${new_session[@]}" env "${head_env[@]}" PATH="$(dirname "$ray"):$PATH" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+    "$ray" start --head --block --disable-usage-stats \
     --node-ip-address=127.0.0.1 --port="$port" --include-dashboard=true --dashboard-host=127.0.0.1 \
     --dashboard-port="$dashboard_port" --temp-dir="$state/tmp" ${@+"$@"} >"$state/head.log" 2>&1 </dev/null &
   pid=$!

@@ -267,7 +267,8 @@ def test_ray_job_submission_meta_trains_and_checkpoints(ray_cluster, tmp_path):
     job_id = client.submit_job(
         entrypoint=(
             "python jobs/meta_train.py --config jobs/configs/train_quadratic_phnn.yaml "
-            f"--output {output} --set train.meta_steps=3 --set train.eval_every=3 --set distributed.workers=2 "
+            f"--output {output} --tracking-uri sqlite:///{tmp_path / 'mlflow.db'} "
+            "--set train.meta_steps=3 --set train.eval_every=3 --set distributed.workers=2 "
             "--set evaluate.runs=5 --set 'evaluate.optimizers=[{kind: adam, lr: 0.1}]'"
         ),
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".tools", ".git", "runs", "mlruns"]},
@@ -281,3 +282,5 @@ def test_ray_job_submission_meta_trains_and_checkpoints(ray_cluster, tmp_path):
     assert "on Ray with 2 sync worker(s)" in logs and "meta-step 3: meta-loss" in logs
     _, _, spec = load_checkpoint(output / "checkpoints" / "meta_step_000003")
     assert spec["meta_step"] == 3 and spec["kind"] == "phnn"
+    assert f"at sqlite:///{tmp_path / 'mlflow.db'}" in logs  # the job's registration names the store it used
+    assert (tmp_path / "mlruns").is_dir()  # the run's artifacts beside the store, not in the job's copy
