@@ -8,7 +8,7 @@ The options are ``metaopt train``'s (the same parser), with the config as ``--co
 joins its cluster (``--address`` defaults to ``auto``: RAY_ADDRESS, which Ray's job supervisor sets) and
 prints a line per validation instead of progress bars. A config without a ``distributed`` section gets
 the default one (2 workers, sync). The run folder and the MLflow store must be absolute (or a server, or
-``--no-tracking``): the job runs in a temporary copy of its working folder (metaopt/distributed/job_outputs.py).
+``--no-tracking``): the job runs in a temporary copy of its working folder (metaopt/ray_jobs.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 
 from metaopt.cli import add_train_options, run
 from metaopt.config import load_config
-from metaopt.distributed.job_outputs import checked_first, require_lasting
+from metaopt.ray_jobs import checked_first, require_lasting
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def check(args: argparse.Namespace) -> None:
     require_lasting(
         args.resume or args.output or config.train.output_dir,
         args.tracking_uri or tracking.uri,
-        tracking.experiment if tracking.enabled and not args.no_tracking else None,
+        tracking.enabled and not args.no_tracking,
     )
 
 

@@ -7,7 +7,7 @@
 The options are ``metaopt tune``'s (the same parser), with the search config as ``--config``. The job's
 driver joins its cluster (``--address`` defaults to ``auto``: RAY_ADDRESS, which Ray's job supervisor
 sets) and shows no progress bars. The search folder and the MLflow store must be absolute (or a server, or
-``--no-tracking``): the job runs in a temporary copy of its working folder (metaopt/distributed/job_outputs.py).
+``--no-tracking``): the job runs in a temporary copy of its working folder (metaopt/ray_jobs.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from metaopt.cli import add_tune_options, run
-from metaopt.distributed.job_outputs import checked_first, require_lasting
+from metaopt.ray_jobs import checked_first, require_lasting
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def check(args: argparse.Namespace) -> None:
     require_lasting(
         args.resume or args.output or space.spec.search.output_dir,
         args.tracking_uri or tracking.uri,
-        tracking.experiment if tracking.enabled and not args.no_tracking else None,
+        tracking.enabled and not args.no_tracking,
     )
 
 

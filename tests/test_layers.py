@@ -1,5 +1,6 @@
 """metaopt's parts import one way: optimizers, tasks -> config -> meta -> evaluate, distributed, tracking
--> the after-training pipeline and the public API -> tune, benchmark -> cli. Ray and MLflow stay at the edges."""
+-> the after-training pipeline and the public API -> tune, benchmark, ray_jobs -> cli. Ray and MLflow stay at
+the edges."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ LAYER = {
     "api": 4,
     "tune": 5,
     "benchmark": 5,
+    "ray_jobs": 5,
     "cli": 6,
     "__init__": 7,
 }
 # The edges: the learner's loop and the Ray workers never write to MLflow.
-MAY_IMPORT_TRACKING = {"pipeline", "api", "tune", "benchmark", "cli"}  # benchmark: resolves --optimizer sources
+# benchmark: resolves --optimizer sources; ray_jobs: checks a Ray job's MLflow store
+MAY_IMPORT_TRACKING = {"pipeline", "api", "tune", "benchmark", "ray_jobs", "cli"}
 MAY_IMPORT = {"ray": {"distributed", "tune", "cli"}, "mlflow": {"tracking", "cli"}}
 
 

@@ -112,6 +112,8 @@ def test_job_takes_absolute_stores_and_keeps_artifacts_beside_sqlite(job, config
     artifacts beside the store, not in ./mlruns of the process that creates it (the job's working folder)."""
     from mlflow import MlflowClient
 
+    from metaopt.tracking import RunTracker
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = str(REPO_ROOT / config)
     monkeypatch.chdir(tmp_path)  # the job's working folder
@@ -122,10 +124,11 @@ def test_job_takes_absolute_stores_and_keeps_artifacts_beside_sqlite(job, config
     store.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
     job.check(job.parse(["--config", config, "--output", output, "--tracking-uri", uri]))
+    RunTracker(tmp_path / "runs" / "x", uri, experiment="metaopt").finish()  # as the job's run starts and ends
     experiment = MlflowClient(uri).get_experiment_by_name("metaopt")
     assert experiment is not None and experiment.artifact_location == (store / "mlruns" / "metaopt").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    job.check(job.parse(["--config", config, "--output", output]))  # the experiment exists: left as it is
+    job.check(job.parse(["--config", config, "--output", output]))
     assert not (tmp_path / "mlruns").exists()
 
 

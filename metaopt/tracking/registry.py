@@ -41,7 +41,7 @@ from metaopt.meta.checkpoint import (
     trained_on,
     verify_file,
 )
-from metaopt.tracking.tracker import bound_http_requests
+from metaopt.tracking.tracker import artifact_location, bound_http_requests
 
 MODEL_ARTIFACT = "optimizer"  # the model's name inside its run
 CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -301,7 +301,8 @@ def register_checkpoint(
     client = _client(tracking_uri)  # not mlflow.set_experiment: the caller's active experiment stays
     with _server(client.tracking_uri):
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        location = artifact_location(client.tracking_uri, experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, location)
         run = client.create_run(experiment_id, run_name=str(source))
         params = {"kind": spec["kind"], **spec.get("hyperparameters", {})}
         client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])

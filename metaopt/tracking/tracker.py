@@ -15,6 +15,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from metaopt import __version__
 
@@ -32,6 +33,25 @@ def bound_http_requests() -> None:
     """MLflow's HTTP retries and timeout as ``HTTP_DEFAULTS``, where the environment does not set them."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def local_store(uri: str) -> str | None:
+    """The path of a local MLflow store (a SQLite file or a folder) as written in ``uri``; None for a server,
+    another database, Databricks or an in-memory SQLite."""
+    if uri in ("databricks", "databricks-uc", "uc"):  # what MLflow reads as no path
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        return unquote(parts.path[1:]) if parts.path not in ("", "/:memory:") else None
+    return unquote(parts.path) if parts.scheme in ("", "file") else None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new ``experiment`` in the store at ``uri`` keeps its artifacts: ``mlruns/EXPERIMENT`` beside a
+    SQLite store's file (MLflow would use the creating process's ``./mlruns``, wherever that runs: in a Ray
+    job, a temporary copy of the working folder); None, MLflow's choice, for other stores."""
+    path = local_store(uri) if uri.startswith("sqlite:") else None
+    return (Path(path).resolve().parent / "mlruns" / experiment).as_uri() if path else None
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -247,7 +267,11 @@ class RunTracker:
 
     def _create_run(self) -> None:
         experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(self.experiment, artifact_location(self.tracking_uri, self.experiment))
+        )
         tags = {"metaopt.version": __version__, "mlflow.source.name": "metaopt train"}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
