@@ -171,10 +171,12 @@ def _benchmark(args: argparse.Namespace) -> int:
         f"metaopt benchmark: {len(suite.tasks)} task(s) x {suite.runs} runs, "
         f"{', '.join(o.name for o in learned) or 'baselines only'}; writing to {output_dir}"
     )
-    title = f"{name}: {len(suite.tasks)} tasks, {suite.runs} runs each"
+    scored = ", scored on validation data" if suite.score == "validation" else ""
+    title = f"{name}: {len(suite.tasks)} tasks, {suite.runs} runs each{scored}"
     cache = Path(args.cache_dir) if args.cache_dir else None
-    print(run_benchmark(suite, learned, output_dir, title, cache, not args.no_progress, args.threads))
-    print(f"results: {output_dir} (results.parquet, curves.parquet, results.md, speedup.png)")
+    print(run_benchmark(suite, learned, output_dir, title, cache, not args.no_progress, args.threads, name))
+    plot = "validation_curves.png" if suite.score == "validation" else "speedup.png"
+    print(f"results: {output_dir} (results.parquet, curves.parquet, results.md, {plot})")
     return 0
 
 
@@ -398,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run learned optimizers and per-task tuned baselines on a suite of held-out tasks",
         description="Run every task of SUITE with each --optimizer and with Adam, AdamW and SGD with momentum\n"
         "tuned per task (a learning-rate grid, constant and cosine; cached), and report final losses,\n"
-        "loss ratios, speedups and divergences: results.parquet, curves.parquet, results.md, speedup.png.",
+        "loss ratios, speedups and divergences: results.parquet, curves.parquet, results.md, speedup.png.\n"
+        "A suite with `score: validation` trains real modules with the tuned AdamW, the tuning-free peers\n"
+        "(schedule-free AdamW, Prodigy, AdamW warm-up + cosine) and each --optimizer, and scores held-out\n"
+        "validation data: validation losses, metrics, validation speedups, validation_curves.png.\n"
+        "Learned optimizers whose spec says they were selected on SUITE (its file name) are marked †.",
         epilog="example:\n  metaopt benchmark jobs/configs/suite_heldout.yaml \\\n"
         "    --optimizer phnn=runs/train/quadratic/checkpoints/best --optimizer models:/quadratic-phnn@latest",
         formatter_class=argparse.RawDescriptionHelpFormatter,

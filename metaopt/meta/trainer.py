@@ -248,7 +248,9 @@ class MetaTrainer:
             extra_spec={
                 "task": self.config.task.model_dump(),
                 "train": self.config.train.model_dump(),
-                **({"heldout_loss": self.best_heldout} if name == BEST else {}),
+                **(
+                    {"heldout_loss": self.best_heldout, "selected_on": selected_on(self.config)} if name == BEST else {}
+                ),
             },
             keep=self.config.train.keep_checkpoints,
             name=name,
@@ -286,6 +288,14 @@ class MetaTrainer:
             self.history = [
                 r for r in pd.read_parquet(metrics_file).to_dict("records") if r["meta_step"] <= self.meta_step
             ]
+
+
+def selected_on(config: Config) -> list[str]:
+    """What chooses a run's best checkpoint, for its spec (``metaopt benchmark`` marks a suite named here): its
+    validation tasks, e.g. ``meta_validation:task:quadratic``."""
+    train = config.train
+    tasks = [config.task] if train.validation == "task" else [entry.task for entry in train.tasks]
+    return [f"meta_validation:{train.validation}:{getattr(task, 'factory', task.kind)}" for task in tasks]
 
 
 def to_device(value, device: torch.device):

@@ -5,7 +5,10 @@ model's initialisation and its minibatch stream, so every optimizer sees the sam
 learned optimizer steps a real ``nn.Module`` through ``metaopt.load_optimizer``, one instance per run, as a
 user runs it. The baselines (Adam, AdamW, SGD with momentum over a learning-rate grid, each constant and
 cosine-decayed) are per-coordinate, so every configuration and run of a task trains as one batched
-``torch.func`` computation; they are tuned once per task and cached.
+``torch.func`` computation; they are tuned once per task and cached. The tuning-free peers (schedule-free
+AdamW, Prodigy, AdamW with warm-up and cosine decay) step real modules beside them where a suite names them.
+
+A suite with ``score: validation`` is scored on held-out data instead: ``metaopt.benchmark.validation``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Annotated, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -42,11 +45,17 @@ from metaopt.meta.checkpoint import CheckpointError, load_checkpoint
 from metaopt.optimizers.native import cache_dir
 from metaopt.tasks import ModuleTask, Optimizees, make_task, optimizee_seeds
 from metaopt.tasks.base import hash_uniform_indices
+from metaopt.tasks.module import ModuleTaskSpec
 from metaopt.tracking.registry import resolve_checkpoint
 
 BASELINE_KINDS = ("adam", "adamw", "sgd_momentum")
 FINAL_FRACTION = 0.1  # the final loss averages the training loss over this last fraction of a run's steps
 CACHE_FORMAT = 2  # bump when the cached tables' meaning changes (2: final losses summed per window)
+PEER_KINDS = ("schedule_free_adamw", "prodigy", "adamw_warmup_cosine")
+PEER_CACHE_FORMAT = 1  # the training-loss suite's cached peer curves
+WARMUP_FRACTION = 0.05  # warmup_cosine: the linear warm-up's share of a run's steps
+SELECTED_MARK = "†"  # a learned optimizer selected on the suite being reported
+Schedule = Literal["constant", "cosine", "warmup_cosine"]
 
 
 class BaselineGrid(StrictModel):
@@ -58,7 +67,7 @@ class BaselineGrid(StrictModel):
     lrs: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0], min_length=1
     )
-    schedules: list[Literal["constant", "cosine"]] = Field(default_factory=lambda: ["constant", "cosine"], min_length=1)
+    schedules: list[Schedule] = Field(default_factory=lambda: ["constant", "cosine"], min_length=1)
     weight_decay: float = Field(0.01, ge=0, description="adamw's decoupled weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd_momentum's momentum")
 
@@ -71,8 +80,22 @@ class SuiteTask(StrictModel):
     steps: int = Field(ge=1)
 
 
+class Peers(StrictModel):
+    """The tuning-free peers, each at its documented defaults: ``schedule_free_adamw`` (``AdamWScheduleFree``),
+    ``prodigy`` (``Prodigy(lr=1.0)`` with a cosine decay over the run), ``adamw_warmup_cosine`` (AdamW at
+    ``adamw_lr`` with a linear warm-up and a cosine decay)."""
+
+    kinds: list[Literal["schedule_free_adamw", "prodigy", "adamw_warmup_cosine"]] | Literal["all"] | None = Field(
+        None, description="default: all of them on a validation suite, none on a training-loss suite"
+    )
+    adamw_lr: float = Field(1e-3, gt=0, description="adamw_warmup_cosine's peak learning rate")
+    bn_batches: int = Field(
+        8, ge=1, description="schedule-free's BatchNorm rule: training batches that recompute the statistics"
+    )
+
+
 class Suite(StrictModel):
-    """A benchmark suite: its tasks, the runs of each, and the baseline grid."""
+    """A benchmark suite: its tasks, the runs of each, the baseline grid, the peers, and what is scored."""
 
     tasks: list[SuiteTask] = Field(min_length=1)
     runs: int = Field(5, ge=1, description="runs per task and optimizer, each with its own optimizee seed")
@@ -82,6 +105,33 @@ class Suite(StrictModel):
         4, ge=1, description="the best baseline reruns for up to this many times a task's steps for the speedup"
     )
     output_dir: str = "runs/benchmark"
+    score: Literal["training", "validation"] = Field(
+        "training", description="training: the final training loss; validation: the held-out validation loss"
+    )
+    eval_every: int = Field(10, ge=1, description="score: validation evaluates every this many steps and at the last")
+    eval_batch_size: int = Field(1024, ge=1, description="examples per forward pass when evaluating")
+    warmup_fraction: float = Field(WARMUP_FRACTION, gt=0, lt=1, description="warmup_cosine's warm-up share")
+    peers: Peers = Field(default_factory=Peers)
+
+    @model_validator(mode="after")
+    def _validation_defaults(self) -> Suite:
+        """A validation suite tunes AdamW over constant and warm-up + cosine unless it says otherwise."""
+        if self.score == "validation":
+            if "kinds" not in self.baselines.model_fields_set:
+                self.baselines.kinds = ["adamw"]
+            if "schedules" not in self.baselines.model_fields_set:
+                self.baselines.schedules = ["constant", "warmup_cosine"]
+            if "adamw" not in self.baselines.kinds:
+                raise ValueError("score: validation compares with the tuned AdamW: baselines.kinds must hold adamw")
+        return self
+
+    @property
+    def peer_kinds(self) -> list[str]:
+        """The peers that run: ``peers.kinds``, or its default for the suite's ``score``."""
+        kinds = self.peers.kinds
+        if kinds is None:
+            kinds = "all" if self.score == "validation" else []
+        return list(PEER_KINDS) if kinds == "all" else list(kinds)
 
     @field_validator("tasks")
     @classmethod
@@ -117,6 +167,26 @@ def grid_configurations(grid: BaselineGrid) -> list[Baseline]:
     return [Baseline(kind, lr, schedule) for kind in grid.kinds for lr in grid.lrs for schedule in grid.schedules]
 
 
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, steps: int, warmup_fraction: float = WARMUP_FRACTION
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step schedule of ``optimizer`` over ``steps`` updates: none (constant), ``CosineAnnealingLR``
+    to 0 (cosine), or a linear warm-up over ``warmup_fraction`` of the steps, then a cosine decay to 0 over
+    the rest (warmup_cosine)."""
+    if schedule == "constant":
+        return None
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    warmup = max(1, round(warmup_fraction * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def torch_optimizer(baseline: Baseline, params: list[Tensor], grid: BaselineGrid) -> torch.optim.Optimizer:
     if baseline.kind == "adam":
         return torch.optim.Adam(params, lr=baseline.lr)
@@ -132,20 +202,21 @@ def run_baselines(
     grid: BaselineGrid,
     steps: int,
     progress: tqdm | None = None,
+    warmup_fraction: float = WARMUP_FRACTION,
 ) -> Tensor:
     """Training losses ``[baselines, runs, steps]`` (float64; the loss at step t is before update t).
 
     Each configuration keeps its ``[runs, n]`` parameters in one leaf with its own ``torch.optim`` optimizer
-    (and cosine schedule over ``steps``); as the optimizers are per-coordinate, that is each run's own
+    (and ``lr_scheduler`` over ``steps``); as the optimizers are per-coordinate, that is each run's own
     optimizer. All configurations and runs go through one batched forward and backward per step.
     """
     optimizees = task.sample(seeds)
     leaves = [optimizees.params.clone().requires_grad_(True) for _ in baselines]
     optimizers = [torch_optimizer(baseline, [leaf], grid) for baseline, leaf in zip(baselines, leaves)]
     schedulers = [
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        scheduler
         for baseline, optimizer in zip(baselines, optimizers)
-        if baseline.schedule == "cosine"
+        if (scheduler := lr_scheduler(optimizer, baseline.schedule, steps, warmup_fraction)) is not None
     ]
     everyone = Optimizees(seeds=optimizees.seeds.repeat(len(baselines)), params=optimizees.params)
     losses = torch.empty(len(baselines), len(seeds), steps, dtype=torch.float64)
@@ -164,6 +235,70 @@ def run_baselines(
     return losses
 
 
+class Stepped:
+    """An optimizer and its per-step learning-rate scheduler, stepped together, as ``train_modules`` steps an
+    optimizer; ``train()`` and ``eval()`` switch a schedule-free optimizer's parameters between the point it
+    takes gradients at and the average it is evaluated at (no-ops for the others)."""
+
+    def __init__(self, optimizer, scheduler=None, schedule_free: bool = False):
+        self.optimizer, self.scheduler, self.schedule_free = optimizer, scheduler, schedule_free
+        self.train()  # schedule-free optimizers start in eval mode and refuse to step there
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def train(self) -> None:
+        if self.schedule_free:
+            self.optimizer.train()
+
+    def eval(self) -> None:
+        if self.schedule_free:
+            self.optimizer.eval()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A tuning-free peer at its defaults: its kind (its name in the report), learning rate and schedule."""
+
+    kind: str
+    lr: float
+    schedule: str
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+
+def peers(suite: Suite) -> list[Peer]:
+    """The suite's peers with the learning rate and schedule each runs with."""
+    settings = {
+        "schedule_free_adamw": (0.0025, "constant"),  # AdamWScheduleFree's default lr; no schedule needed
+        "prodigy": (1.0, "cosine"),  # Prodigy's lr multiplies its estimated step size
+        "adamw_warmup_cosine": (suite.peers.adamw_lr, "warmup_cosine"),
+    }
+    return [Peer(kind, *settings[kind]) for kind in suite.peer_kinds]
+
+
+def make_peer(peer: Peer, params: list[nn.Parameter], steps: int, suite: Suite) -> Stepped:
+    """``peer``'s optimizer over ``params`` for a run of ``steps`` updates, as its README recommends."""
+    if peer.kind == "schedule_free_adamw":
+        from schedulefree import AdamWScheduleFree
+
+        return Stepped(AdamWScheduleFree(params), schedule_free=True)
+    if peer.kind == "prodigy":
+        from prodigyopt import Prodigy
+
+        optimizer = Prodigy(params, lr=peer.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=peer.lr, weight_decay=suite.baselines.weight_decay)
+    return Stepped(optimizer, lr_scheduler(optimizer, peer.schedule, steps, suite.warmup_fraction))
+
+
 @dataclass
 class Learned:
     """A learned optimizer under test: its name in the report and its resolved checkpoint folder."""
@@ -172,6 +307,11 @@ class Learned:
     source: str
     folder: Path
     has_schedule: bool  # a learned step schedule: load it with horizon = the run's steps
+    selected_on: tuple[str, ...] = ()  # its spec's selected_on: the task sets (suites) that selected it
+
+    def selected_on_suite(self, suite_name: str) -> bool:
+        """Whether this optimizer was selected on the suite being reported (its results there are optimistic)."""
+        return bool(suite_name) and suite_name in self.selected_on
 
 
 def resolve_learned(text: str, tracking_uri: str | None = None) -> Learned:
@@ -182,10 +322,12 @@ def resolve_learned(text: str, tracking_uri: str | None = None) -> Learned:
         name, source = text, text
     try:
         folder = resolve_checkpoint(source, tracking_uri)
-        optimizer, _, _ = load_checkpoint(folder)
+        optimizer, _, spec = load_checkpoint(folder)
     except (CheckpointError, LookupError) as error:
         raise ConfigError(f"--optimizer {source}: {error}") from None
-    return Learned(name, source, folder, optimizer.horizon is not None)
+    selected_on = spec.get("selected_on", [])
+    selected_on = [selected_on] if isinstance(selected_on, str) else selected_on
+    return Learned(name, source, folder, optimizer.horizon is not None, tuple(map(str, selected_on)))
 
 
 def run_learned(
@@ -193,36 +335,76 @@ def run_learned(
 ) -> Tensor:
     """Training losses ``[runs, steps]`` of ``learned`` (loaded with ``horizon`` = ``steps`` where it has a
     schedule) on each run's own ``nn.Module``, as ``train_modules`` runs them."""
-    options = {"horizon": steps} if learned.has_schedule else {}
-    return train_modules(task, seeds, steps, lambda params: load_optimizer(learned.folder, params, **options), progress)
+    return train_modules(task, seeds, steps, lambda params: learned_optimizer(learned, params, steps), progress)
+
+
+def learned_optimizer(learned: Learned, params: list[nn.Parameter], steps: int) -> torch.optim.Optimizer:
+    """``learned`` over ``params`` as a user loads it, with ``horizon`` = ``steps`` where it has a schedule."""
+    return load_optimizer(learned.folder, params, **({"horizon": steps} if learned.has_schedule else {}))
+
+
+def peer_rows(task: ModuleTask, seeds: Sequence[int], suite: Suite, steps: int, progress: tqdm | None) -> dict:
+    """Training losses ``[runs, steps]`` of each of the suite's peers on each run's own ``nn.Module``."""
+    return {
+        peer: train_modules(
+            task, seeds, steps, lambda params, peer=peer: make_peer(peer, params, steps, suite), progress
+        )
+        for peer in peers(suite)
+    }
+
+
+@dataclass
+class ModuleData:
+    """The training data a run steps on: a task's spec, its training examples and its minibatch size (a
+    validation suite trains on all of ``spec.inputs``; ``ModuleTask`` holds its meta-test half)."""
+
+    definition: ModuleTaskSpec
+    inputs: Tensor
+    targets: Tensor
+    batch_size: int
 
 
 Probe = Callable[[int, int, list[Tensor], nn.Module], None]  # (run, step, parameters before the step, model)
+Evaluate = Callable[[int, int, nn.Module, object], None]  # (run, updates so far, model, optimizer)
+
+
+def minibatch_indices(seeds: Sequence[int], steps: Sequence[int], batch_size: int, examples: int) -> Tensor:
+    """``[runs, len(steps), batch_size]``: run r's minibatch at step t is a hash of (seed_r, t), as the
+    batched baselines draw it."""
+    seed_tensor = torch.tensor(list(seeds), dtype=torch.int64)
+    return torch.stack([hash_uniform_indices(seed_tensor, t, batch_size, examples) for t in steps], 1)
+
+
+def seeded_model(spec: ModuleTaskSpec, seed: int) -> nn.Module:
+    """Run ``seed``'s model: built under ``torch.manual_seed(seed)`` as ``ModuleTask.sample`` draws it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.model()
 
 
 def train_modules(
-    task: ModuleTask,
+    task: ModuleTask | ModuleData,
     seeds: Sequence[int],
     steps: int,
-    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer | Stepped],
     progress: tqdm | None = None,
     probe: Probe | None = None,
+    evaluate: Evaluate | None = None,
 ) -> Tensor:
     """Training losses ``[runs, steps]`` of ``make_optimizer(params)`` stepping each run's own ``nn.Module``,
     built under ``torch.manual_seed(seed)`` as ``ModuleTask.sample`` draws it, on the same minibatches as the
     baselines. A run stops at its first non-finite loss, which fills the rest of its curve. ``probe`` sees
-    every step's parameters before it and the model after it."""
+    every step's parameters before it and the model after it; ``evaluate`` sees the model and optimizer
+    before the first update (0) and after every update (their count)."""
     spec = task.definition
-    seed_tensor = torch.tensor(list(seeds), dtype=torch.int64)
-    indices = torch.stack(
-        [hash_uniform_indices(seed_tensor, t, task.batch_size, len(task.targets)) for t in range(steps)], 1
-    )
+    indices = minibatch_indices(seeds, range(steps), task.batch_size, len(task.targets))
     losses = torch.empty(len(seeds), steps, dtype=torch.float64)
     for run, seed in enumerate(seeds):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = spec.model()
+        model = seeded_model(spec, seed)
+        model.train()
         optimizer = make_optimizer(list(model.parameters()))
+        if evaluate:
+            evaluate(run, 0, model, optimizer)
         for step in range(steps):
             batch = indices[run, step]
             loss = spec.loss(model(task.inputs[batch]), task.targets[batch])
@@ -238,6 +420,8 @@ def train_modules(
             optimizer.step()
             if probe:
                 probe(run, step, before, model)
+            if evaluate:
+                evaluate(run, step + 1, model, optimizer)
             if progress is not None:
                 progress.update(1)
     return losses
@@ -342,6 +526,47 @@ def cache_key(entry: SuiteTask, suite: Suite, task: ModuleTask, seeds: Sequence[
     return digest.hexdigest()[:16]
 
 
+def peer_cache_key(baselines_key: str, suite: Suite) -> str:
+    """A hash of what a training-loss suite's peer curves depend on: the task's baselines key and the peers."""
+    settings = {
+        "format": PEER_CACHE_FORMAT,
+        "baselines": baselines_key,
+        "peers": [peer.__dict__ for peer in peers(suite)],
+        "weight_decay": suite.baselines.weight_decay,
+        "warmup_fraction": suite.warmup_fraction,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_curves(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Write each table as ``folder/<name>.parquet``, atomically."""
+    partial = folder.with_name(f".partial-{folder.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, table in tables.items():
+        table.to_parquet(partial / f"{name}.parquet", index=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
+def curve_tensor(curves: pd.DataFrame, column: str = "loss") -> Tensor:
+    """``[runs, steps]`` float64 from ``curve_rows``' rows of one curve."""
+    rows = curves.sort_values(["run", "step"])
+    return torch.tensor(rows[column].to_numpy(), dtype=torch.float64).view(rows.run.nunique(), -1)
+
+
+def cached_peers(
+    folder: Path, task: ModuleTask, seeds: Sequence[int], suite: Suite, steps: int, progress: tqdm | None
+) -> dict:
+    """The peers' training losses on ``task``: read from ``folder`` or run and saved there."""
+    if folder.is_dir():
+        curves = pd.read_parquet(folder / "curves.parquet")
+        return {peer: curve_tensor(curves[curves.curve == peer.kind]) for peer in peers(suite)}
+    runs = peer_rows(task, seeds, suite, steps, progress)
+    save_curves(folder, {"curves": pd.concat([curve_rows(v, {"curve": k.kind}) for k, v in runs.items()])})
+    return runs
+
+
 def save_tuned(folder: Path, tuned: TunedBaselines) -> None:
     """Write ``scores.parquet`` and ``curves.parquet`` (each kind's best and the longer rerun) into
     ``folder``, atomically."""
@@ -362,8 +587,7 @@ def load_tuned(folder: Path, kinds: Sequence[str]) -> TunedBaselines:
     curves = pd.read_parquet(folder / "curves.parquet")
 
     def losses(name: str) -> Tensor:
-        rows = curves[curves.curve == name].sort_values(["run", "step"])
-        return torch.tensor(rows.loss.to_numpy(), dtype=torch.float64).view(rows.run.nunique(), -1)
+        return curve_tensor(curves[curves.curve == name])
 
     best_of_kind = {kind: (_best(scores[scores.kind == kind]), losses(kind)) for kind in kinds}
     return TunedBaselines(scores, best_of_kind, _best(scores), losses("longer"))
@@ -385,14 +609,15 @@ def curve_rows(losses: Tensor, columns: dict) -> pd.DataFrame:
 def result_row(
     entry: SuiteTask,
     name: str,
-    source: str | Baseline,
+    source: str | Baseline | Peer,
     losses: Tensor,
     tuned: TunedBaselines,
     cap: int,
+    selected: bool = False,
 ) -> dict:
     """One row of results.parquet: the ``losses`` [runs, steps] on ``entry`` of optimizer ``name`` (a learned
-    optimizer's ``source``, or a tuned ``Baseline``) against the task's best baseline."""
-    baseline = source if isinstance(source, Baseline) else None
+    optimizer's ``source``, a tuned ``Baseline`` or a ``Peer``) against the task's best baseline."""
+    baseline = source if isinstance(source, Baseline | Peer) else None
     window = final_window(entry.steps)
     best_losses = tuned.best_of_kind[tuned.best.kind][1]
     best_final, final = final_loss(best_losses, window), final_loss(losses, window)
@@ -411,7 +636,9 @@ def result_row(
         "task": entry.name,
         "optimizer": name,
         "learned": baseline is None,
+        "peer": isinstance(source, Peer),
         "source": "" if baseline else source,
+        "selected_on_this_suite": selected,
         "steps": entry.steps,
         "runs": len(losses),
         "initial_loss": float(losses[:, 0].mean()),
@@ -443,27 +670,41 @@ def run_benchmark(
     cache: Path | None = None,
     show_progress: bool = True,
     threads: int = 1,
+    suite_name: str = "",
 ) -> str:
-    """Run every task of ``suite`` with each ``learned`` optimizer and the tuned baselines (from ``cache``
-    where they are); write results.parquet, curves.parquet, results.md and speedup.png into ``output_dir``
-    and return the report. Torch runs on ``threads`` threads meanwhile."""
+    """Run every task of ``suite`` with each ``learned`` optimizer, the tuned baselines and the peers (from
+    ``cache`` where they are); write results.parquet, curves.parquet, results.md and speedup.png (a
+    validation suite: validation_curves.png) into ``output_dir`` and return the report. Learned optimizers
+    whose spec says they were selected on ``suite_name`` are marked. Torch runs on ``threads`` threads."""
     names = [optimizer.name for optimizer in learned]
-    clashes = sorted(set(repeated(names)) | (set(names) & set(BASELINE_KINDS)))
+    clashes = sorted(set(repeated(names)) | (set(names) & (set(BASELINE_KINDS) | set(PEER_KINDS))))
     if clashes:
-        raise ConfigError(f"--optimizer names must be unique and differ from the baselines' ({', '.join(clashes)})")
+        raise ConfigError(
+            f"--optimizer names must be unique and differ from the baselines' ({', '.join(clashes)}); "
+            f"taken: {', '.join(BASELINE_KINDS + PEER_KINDS)}"
+        )
     if threads < 1:
         raise ConfigError(f"--threads must be at least 1, not {threads}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results, curves = _run_suite(suite, learned, cache or cache_dir("benchmark"), show_progress)
+        if suite.score == "validation":
+            from metaopt.benchmark import validation  # it builds on this module
+
+            results, curves = validation.run_suite(
+                suite, learned, cache or cache_dir("benchmark"), show_progress, suite_name
+            )
+        else:
+            results, curves = _run_suite(suite, learned, cache or cache_dir("benchmark"), show_progress, suite_name)
     finally:
         torch.set_num_threads(previous_threads)
+    if suite.score == "validation":
+        return validation.write_report(results, curves, output_dir, title)
     return write_report(results, curves, output_dir, title)
 
 
 def _run_suite(
-    suite: Suite, learned: Sequence[Learned], cache: Path, show_progress: bool
+    suite: Suite, learned: Sequence[Learned], cache: Path, show_progress: bool, suite_name: str = ""
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The results and curves of every task and optimizer, the baselines tuned or read from ``cache``."""
     seeds = optimizee_seeds(suite.seed, suite.runs, "meta_test")
@@ -471,14 +712,24 @@ def _run_suite(
     folders = [
         cache / f"{entry.name}-{cache_key(entry, suite, task, seeds)}" for entry, task in zip(suite.tasks, tasks)
     ]
+    peer_folders = [
+        folder.with_name(f"{entry.name}-peers-{peer_cache_key(folder.name, suite)}")
+        for entry, folder in zip(suite.tasks, folders)
+    ]
     configurations = len(grid_configurations(suite.baselines))
     total = sum(
-        suite.runs * entry.steps * (len(learned) + (0 if folder.is_dir() else configurations + suite.speedup_cap))
-        for entry, folder in zip(suite.tasks, folders)
+        suite.runs
+        * entry.steps
+        * (
+            len(learned)
+            + (0 if folder.is_dir() else configurations + suite.speedup_cap)
+            + (0 if peer_folder.is_dir() else len(suite.peer_kinds))
+        )
+        for entry, folder, peer_folder in zip(suite.tasks, folders, peer_folders)
     )
     results, curves = [], []
     with tqdm(total=total, desc="benchmark", unit="step", unit_scale=True, disable=not show_progress) as progress:
-        for entry, task, folder in zip(suite.tasks, tasks, folders):
+        for entry, task, folder, peer_folder in zip(suite.tasks, tasks, folders, peer_folders):
             if folder.is_dir():
                 tuned = load_tuned(folder, suite.baselines.kinds)
                 tqdm.write(f"{entry.name}: baselines cached ({folder})")
@@ -491,13 +742,19 @@ def _run_suite(
                     f"{entry.name}: tuned {configurations} baselines in {time.perf_counter() - started:.0f} s, "
                     f"best {tuned.best.name}; cached in {folder}"
                 )
-            runs = [(kind, baseline, losses) for kind, (baseline, losses) in tuned.best_of_kind.items()]
+            runs = [(kind, baseline, losses, False) for kind, (baseline, losses) in tuned.best_of_kind.items()]
+            if suite.peer_kinds:
+                progress.set_postfix_str(f"{entry.name}: peers")
+                found = peer_folder.is_dir()
+                ran = cached_peers(peer_folder, task, seeds, suite, entry.steps, progress)
+                tqdm.write(f"{entry.name}: peers {'cached' if found else 'ran; cached in'} ({peer_folder})")
+                runs += [(peer.name, peer, losses, False) for peer, losses in ran.items()]
             for optimizer in learned:
                 progress.set_postfix_str(f"{entry.name}: {optimizer.name}")
                 losses = run_learned(task, seeds, optimizer, entry.steps, progress)
-                runs.append((optimizer.name, optimizer.source, losses))
-            for name, source, losses in runs:
-                results.append(result_row(entry, name, source, losses, tuned, suite.speedup_cap))
+                runs.append((optimizer.name, optimizer.source, losses, optimizer.selected_on_suite(suite_name)))
+            for name, source, losses, selected in runs:
+                results.append(result_row(entry, name, source, losses, tuned, suite.speedup_cap, selected))
                 curves.append(curve_rows(losses, {"task": entry.name, "optimizer": name}))
     return pd.DataFrame(results), pd.concat(curves, ignore_index=True)
 
@@ -529,6 +786,7 @@ def markdown_report(results: pd.DataFrame, title: str) -> str:
         name = row.optimizer if row.learned else f"{row.optimizer} (lr {row.lr:g}, {row.schedule})"
         if not row.learned and row.optimizer == row.baseline:
             name = f"**{name}**"
+        name += SELECTED_MARK if row.selected_on_this_suite else ""
         speed = f"{'≥ ' if row.speedup_capped else ''}{row.speedup:.2f}"
         lines.append(
             f"| {row.task} | {row.steps} | {name} | {row.final_loss:.4g} | {row.loss_ratio:.3g} | {speed} | "
@@ -545,7 +803,18 @@ def markdown_report(results: pd.DataFrame, title: str) -> str:
         for name, rows in learned.groupby("optimizer", sort=False):
             wins, diverged = int((rows.final_loss < rows.baseline_final_loss).sum()), int(rows.diverged.sum())
             lines.append(f"| {name} | {wins}/{tasks} | {np.nanmedian(rows.speedup):.2f} | {diverged}/{tasks} tasks |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + selection_footnote(results)) + "\n"
+
+
+def selection_footnote(results: pd.DataFrame) -> list[str]:
+    """The footnote of ``SELECTED_MARK``, where a row has it."""
+    if not results.selected_on_this_suite.any():
+        return []
+    return [
+        "",
+        f"{SELECTED_MARK} selected on this suite (its spec's `selected_on`): its results here are optimistic, "
+        "not held out.",
+    ]
 
 
 def plot_speedups(results: pd.DataFrame, path: Path, title: str) -> None:
