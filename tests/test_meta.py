@@ -15,6 +15,7 @@ from jobs.benchmarks.common import off_initialisation
 from metaopt.cli import main
 from metaopt.config import validate_config
 from metaopt.meta import CheckpointError, MetaTrainer, load_checkpoint, make_estimator, unroll
+from metaopt.meta.checkpoint import load_trainer_state
 from metaopt.optimizers import make_optimizer
 from metaopt.tasks import Quadratic, optimizee_seeds
 
@@ -212,11 +213,10 @@ def flip_a_byte(file: Path) -> None:
 
 
 def test_every_checkpoint_records_its_files_sha256_and_every_load_checks_it(tmp_path):
-    trainer = MetaTrainer(train_config(meta_steps=3), tmp_path / "run")
-    checkpoint = trainer.train(show_progress=False)
+    checkpoint = MetaTrainer(train_config(meta_steps=1), tmp_path / "run").train(show_progress=False)
     for damaged, load in (
         ("optimizer.safetensors", load_checkpoint),
-        ("trainer_state.pt", lambda path: MetaTrainer(train_config(meta_steps=3), tmp_path / "run").resume(path)),
+        ("trainer_state.pt", load_trainer_state),  # what MetaTrainer.resume reads
     ):
         copy = shutil.copytree(checkpoint, tmp_path / "copies" / damaged)
         load(copy)  # intact: loads
