@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.tasks.families import CausalSelfAttention, mlp, sequence_cross_entropy
+from metaopt.tasks.families import TransformerBlock, mlp, sequence_cross_entropy
 from metaopt.tasks.module import ModuleTaskSpec
 
 VALIDATION_FRACTION = 0.1
@@ -133,7 +133,7 @@ class TransformerLanguageModel(nn.Module):
         super().__init__()
         self.token = nn.Embedding(vocab, d_model)
         self.position = nn.Parameter(0.02 * torch.randn(context, d_model))
-        self.blocks = nn.ModuleList(_TransformerBlock(d_model, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.readout = nn.Linear(d_model, vocab)
 
@@ -142,19 +142,6 @@ class TransformerLanguageModel(nn.Module):
         for block in self.blocks:
             hidden = block(hidden)
         return self.readout(self.norm(hidden))
-
-
-class _TransformerBlock(nn.Module):
-    def __init__(self, d_model: int, heads: int):
-        super().__init__()
-        self.attention_norm = nn.LayerNorm(d_model)
-        self.attention = CausalSelfAttention(d_model, heads)
-        self.mlp_norm = nn.LayerNorm(d_model)
-        self.mlp = mlp([d_model, 4 * d_model, d_model], "gelu")
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        hidden = hidden + self.attention(self.attention_norm(hidden))
-        return hidden + self.mlp(self.mlp_norm(hidden))
 
 
 def text_transformer_lm(
