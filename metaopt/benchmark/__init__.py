@@ -761,12 +761,19 @@ def _run_suite(
 
 def write_report(results: pd.DataFrame, curves: pd.DataFrame, output_dir: Path, title: str) -> str:
     """Write results.parquet, curves.parquet, results.md and speedup.png; return the Markdown report."""
+    return save_report(results, curves, output_dir, markdown_report(results, title), speedup_figure(results, title))
+
+
+def save_report(
+    results: pd.DataFrame, curves: pd.DataFrame, output_dir: Path, report: str, figure, plot: str = "speedup.png"
+) -> str:
+    """Write ``results`` and ``curves`` as Parquet, ``report`` as results.md and ``figure`` as ``plot``; return
+    ``report``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     results.to_parquet(output_dir / "results.parquet", index=False)
     curves.to_parquet(output_dir / "curves.parquet", index=False)
-    report = markdown_report(results, title)
     (output_dir / "results.md").write_text(report)
-    plot_speedups(results, output_dir / "speedup.png", title)
+    figure.savefig(output_dir / plot, dpi=120)
     return report
 
 
@@ -815,11 +822,6 @@ def selection_footnote(results: pd.DataFrame) -> list[str]:
         f"{SELECTED_MARK} selected on this suite (its spec's `selected_on`): its results here are optimistic, "
         "not held out.",
     ]
-
-
-def plot_speedups(results: pd.DataFrame, path: Path, title: str) -> None:
-    """``speedup_figure`` as a PNG."""
-    speedup_figure(results, title).savefig(path, dpi=120)
 
 
 def speedup_figure(results: pd.DataFrame, title: str):

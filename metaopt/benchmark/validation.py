@@ -42,6 +42,7 @@ from metaopt.benchmark import (
     minibatch_indices,
     peers,
     save_curves,
+    save_report,
     seeded_model,
     selection_footnote,
     torch_optimizer,
@@ -413,13 +414,8 @@ def run_suite(
 
 def write_report(results: pd.DataFrame, curves: pd.DataFrame, output_dir: Path, title: str) -> str:
     """Write results.parquet, curves.parquet, results.md and validation_curves.png; return the report."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results.to_parquet(output_dir / "results.parquet", index=False)
-    curves.to_parquet(output_dir / "curves.parquet", index=False)
-    report = markdown_report(results, title)
-    (output_dir / "results.md").write_text(report)
-    validation_figure(curves, title).savefig(output_dir / "validation_curves.png", dpi=120)
-    return report
+    report, figure = markdown_report(results, title), validation_figure(curves, title)
+    return save_report(results, curves, output_dir, report, figure, "validation_curves.png")
 
 
 def _number(value: float, spec: str) -> str:
